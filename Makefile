@@ -1,0 +1,100 @@
+# loom — one binary, build/loom. See README.md.
+#   make              build build/loom
+#   make run          install packages, build, serve the embedded default model
+#   make test         install packages, build, run every test (tests/run.sh)
+#   make bench        run the benchmarks in bench/ (writes docs/benchmarks.md)
+#   make SANITIZE=address,undefined test   sanitizer build (separate build dir)
+#   make STATIC=1     statically linked binary (for machines without our packages)
+
+CC ?= cc
+SANITIZE ?=
+STATIC ?=
+BUILD ?= build$(if $(SANITIZE),-san)$(if $(STATIC),-static)
+
+WARN := -Wall -Wextra -Wno-unused-parameter -Wshadow=local -Wvla
+ifeq ($(CI),true)
+WARN += -Werror
+endif
+OPT ?= -O2
+CFLAGS_ALL := -std=gnu11 $(OPT) -g -fopenmp -pthread $(WARN) -Iinclude -I/usr/include/cjson \
+	$(CFLAGS)
+LDLIBS_ALL := -lopenblas -levent_core -levent_extra -levent_pthreads -lcjson -lpcre2-8 -lm -lgomp -lpthread
+LDFLAGS_ALL := -fopenmp -pthread $(LDFLAGS)
+ifneq ($(SANITIZE),)
+CFLAGS_ALL += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
+LDFLAGS_ALL += -fsanitize=$(SANITIZE)
+endif
+ifneq ($(STATIC),)
+LDFLAGS_ALL += -static
+LDLIBS_ALL += -lgfortran -lquadmath
+endif
+
+LIB_SRC := $(shell find src -name '*.c' -not -path 'src/cli/*' -not -path 'src/tensor/cuda/*' | sort)
+CLI_SRC := $(shell find src/cli -name '*.c' | sort)
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_SRC := $(shell find tests/unit tests/model -name 'test_*.c' 2>/dev/null | sort)
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC := $(shell find bench -name '*.c' 2>/dev/null | sort)
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+FUZZ_SRC := $(shell find tests/fuzz -name 'fuzz_*.c' 2>/dev/null | sort)
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz/%)
+DEPS := $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)
+
+.PHONY: all run test bench fuzz setup clean format
+all: $(BUILD)/loom
+
+setup:
+	@scripts/setup
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -MMD -MP -c $< -o $@
+
+$(BUILD)/libloom.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/loom: $(CLI_OBJ) $(BUILD)/libloom.a
+	$(CC) $(LDFLAGS_ALL) -o $@ $(CLI_OBJ) $(BUILD)/libloom.a $(LDLIBS_ALL)
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libloom.a tests/testlib.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Itests $< -o $@ $(LDFLAGS_ALL) $(BUILD)/libloom.a $(LDLIBS_ALL) -lcmocka
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libloom.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $< -o $@ $(LDFLAGS_ALL) $(BUILD)/libloom.a $(LDLIBS_ALL)
+
+# Fuzz targets: libFuzzer under clang when present; otherwise a replay driver over the seed corpus.
+FUZZ_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang)
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(LIB_SRC) tests/fuzz/replay_main.c
+	@mkdir -p $(dir $@)
+ifneq ($(FUZZ_CC),)
+	$(FUZZ_CC) -std=gnu11 -g -O1 -fopenmp=libgomp -pthread -Iinclude -I/usr/include/cjson \
+		-fsanitize=fuzzer,address,undefined $< $(LIB_SRC) -o $@ $(LDLIBS_ALL)
+else
+	$(CC) $(CFLAGS_ALL) -fsanitize=address,undefined $< tests/fuzz/replay_main.c $(LIB_SRC) \
+		-o $@ $(LDLIBS_ALL)
+endif
+
+tests-bin: $(TEST_BIN)
+fuzz: $(FUZZ_BIN)
+benches: $(BENCH_BIN)
+
+run: setup $(BUILD)/loom
+	$(BUILD)/loom serve --model random:llama-tiny --port 8000
+
+test: setup $(BUILD)/loom $(TEST_BIN) $(FUZZ_BIN)
+	@BUILD=$(BUILD) tests/run.sh
+
+bench: setup $(BUILD)/loom $(BENCH_BIN)
+	@BUILD=$(BUILD) bench/run.sh
+
+format:
+	clang-format -i $$(find src include tests bench -name '*.[ch]')
+
+clean:
+	rm -rf build build-san build-static build-san-static
+
+-include $(DEPS)
