@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the benchmarks and writes their tables into docs/benchmarks.md, each under the exact
+# command that reproduces it. Usage: bench/run.sh [engine]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+which=${1:-all}
+mkdir -p docs/bench
+machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
+
+if [ "$which" = all ] || [ "$which" = engine ]; then
+    cmd="$BUILD/bench/engine --threads 2 --models random:llama-125m,random:mixtral-tiny --batches 1,8,32"
+    echo "== $cmd"
+    $cmd --markdown docs/bench/engine.md.tmp
+    { echo "## bench/engine — CPU forward pass vs machine ceilings"
+      echo
+      echo "Command: \`make bench\` or \`$cmd\` (machine: $machine)."
+      echo
+      cat docs/bench/engine.md.tmp; } > docs/bench/engine.md
+    rm -f docs/bench/engine.md.tmp
+fi
+
+{ echo "# Benchmarks"
+  echo
+  echo "Every figure below was produced by the command printed above its table, in one run, so"
+  echo "ratios within a table are comparable even on a shared, noisy machine."
+  for f in docs/bench/*.md; do echo; cat "$f"; done
+  [ -f docs/bench-notes.md ] && { echo; cat docs/bench-notes.md; }
+} > docs/benchmarks.md
+echo "wrote docs/benchmarks.md"
