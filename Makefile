@@ -18,7 +18,7 @@ endif
 OPT ?= -O2
 CFLAGS_ALL := -std=gnu11 $(OPT) -g -fopenmp -pthread $(WARN) -Iinclude -I/usr/include/cjson \
 	$(CFLAGS)
-LDLIBS_ALL := -lopenblas -levent_core -levent_extra -levent_pthreads -lcjson -lpcre2-8 -lm -lgomp -lpthread
+LDLIBS_ALL := -lgsl -lopenblas -levent_core -levent_extra -levent_pthreads -lcjson -lyaml -lpcre2-8 -lm -lgomp -lpthread
 LDFLAGS_ALL := -fopenmp -pthread $(LDFLAGS)
 ifneq ($(SANITIZE),)
 CFLAGS_ALL += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
@@ -39,9 +39,9 @@ BENCH_SRC := $(shell find bench -name '*.c' 2>/dev/null | sort)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 FUZZ_SRC := $(shell find tests/fuzz -name 'fuzz_*.c' 2>/dev/null | sort)
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz/%)
-DEPS := $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)
+DEPS := $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(wildcard $(BUILD)/fuzzobj/src/*/*.d)
 
-.PHONY: all run test bench fuzz setup clean format
+.PHONY: all run test bench fuzz setup clean format tests-bin benches
 all: $(BUILD)/loom
 
 setup:
@@ -66,16 +66,26 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libloom.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $< -o $@ $(LDFLAGS_ALL) $(BUILD)/libloom.a $(LDLIBS_ALL)
 
-# Fuzz targets: libFuzzer under clang when present; otherwise a replay driver over the seed corpus.
+# Fuzz targets: libFuzzer under clang when present (the library is compiled once more with
+# clang and sanitizers into libloom-fuzz.a); otherwise a replay driver over the seed corpus.
 FUZZ_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang)
-$(BUILD)/fuzz/%: tests/fuzz/%.c $(LIB_SRC) tests/fuzz/replay_main.c
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -fopenmp=libgomp -pthread -Iinclude -I/usr/include/cjson \
+	-fsanitize=address,undefined -fno-omit-frame-pointer
+FUZZ_OBJ := $(LIB_SRC:%.c=$(BUILD)/fuzzobj/%.o)
+$(BUILD)/fuzzobj/%.o: %.c
 	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+$(BUILD)/libloom-fuzz.a: $(FUZZ_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
 ifneq ($(FUZZ_CC),)
-	$(FUZZ_CC) -std=gnu11 -g -O1 -fopenmp=libgomp -pthread -Iinclude -I/usr/include/cjson \
-		-fsanitize=fuzzer,address,undefined $< $(LIB_SRC) -o $@ $(LDLIBS_ALL)
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(BUILD)/libloom-fuzz.a
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $< $(BUILD)/libloom-fuzz.a -o $@ $(LDLIBS_ALL)
 else
-	$(CC) $(CFLAGS_ALL) -fsanitize=address,undefined $< tests/fuzz/replay_main.c $(LIB_SRC) \
-		-o $@ $(LDLIBS_ALL)
+$(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/replay_main.c $(BUILD)/libloom.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $< tests/fuzz/replay_main.c -o $@ $(LDFLAGS_ALL) $(BUILD)/libloom.a $(LDLIBS_ALL)
 endif
 
 tests-bin: $(TEST_BIN)

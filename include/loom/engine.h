@@ -94,20 +94,26 @@ typedef struct engine_config {
     int max_model_len;           /* prompt + generated at most (model's max positions) */
     int max_waiting;             /* waiting queue bound; engine_add returns LOOM_EFULL beyond */
     bool enable_prefix_caching;  /* (true) */
+    uint64_t seed;               /* engine rng for requests without a seed (0) */
 } engine_config;
 
 void engine_config_default(engine_config *c);
 
 typedef struct engine engine;
 
-/* tok may be NULL (no text in events, no stop strings). The engine takes ownership of backend. */
+/* tok may be NULL (no text in events, no stop strings). The engine takes ownership of backend,
+ * also when it fails (the backend is destroyed then). cfg->num_kv_blocks must be the number of
+ * blocks the backend was created with. max_model_len <= 0 means the model's
+ * max_position_embeddings. All step buffers are allocated here, for the worst case. */
 int engine_create(const engine_config *cfg, const model_config *mc, engine_backend backend,
                   const tokenizer *tok, engine **out, loom_err *e);
 void engine_free(engine *en);
 
 /* Queue a request. prompt is copied; p's stop strings are copied. Errors: LOOM_EINVAL (bad
  * params, empty prompt, token out of vocab), LOOM_ETOOLONG (prompt + max_tokens over
- * max_model_len, or more blocks than the cache has), LOOM_EFULL (waiting queue full). */
+ * max_model_len, or more blocks than the cache has), LOOM_EFULL (waiting queue full).
+ * req_id must be unique among the requests not yet finished. Once added, a request gets exactly
+ * one event with finish != FINISH_NONE, after which the engine forgets it. */
 int engine_add(engine *en, uint64_t req_id, const int32_t *prompt, int n_prompt,
                const sampling_params *p, loom_err *e);
 /* Abort: the request's blocks are freed now; a FINISH_ABORT event is emitted next step.
@@ -115,8 +121,11 @@ int engine_add(engine *en, uint64_t req_id, const int32_t *prompt, int n_prompt,
 void engine_abort(engine *en, uint64_t req_id);
 bool engine_has_work(const engine *en);
 
-/* One scheduler step. *events points into engine storage valid until the next call.
- * step_seconds: wall time of the backend forward (0 when nothing ran). */
+/* One scheduler step. *events points into engine storage valid until the next call (event text
+ * included; finished requests are already freed, their events stay valid).
+ * step_seconds: wall time of the backend forward (0 when nothing ran).
+ * A backend failure does not fail the step: the batch's requests finish with FINISH_ERROR events
+ * (the message is logged) and 0 is returned, so callers must always deliver the events. */
 int engine_step(engine *en, const engine_event **events, int *n_events, double *step_seconds,
                 loom_err *e);
 
@@ -134,5 +143,30 @@ typedef struct engine_stats {
     uint64_t steps;
 } engine_stats;
 void engine_get_stats(const engine *en, engine_stats *s);
+
+/* Consistency check for tests: block refcounts equal the live block tables' references, shared
+ * blocks are cached prefix blocks, waiting requests hold no blocks, counts add up. O(blocks +
+ * requests); 0 or LOOM_EINVAL with the first violation in e. */
+int engine_check(const engine *en, loom_err *e);
+
+/* ---------------------------------------------------------------- sampling (pure functions) */
+
+/* Index of the largest logit, ties to the lowest id. */
+int32_t sampling_argmax(const float *logits, int n_vocab);
+/*
+ * Draws one token from logits (n_vocab) under p: temperature 0 (below 1e-5) is greedy; otherwise
+ * logits / temperature, then top_k (the k largest; ties to the lower id), then top_p (the
+ * shortest prefix of the sorted, renormalised distribution whose mass reaches top_p, at least
+ * one token), then one draw from rng. Overwrites logits (pass a scratch copy); work: (n_vocab).
+ */
+int32_t sampling_sample(float *logits, int n_vocab, const sampling_params *p, loom_rng *rng,
+                        int32_t *work);
+/*
+ * log_softmax of the RAW logits (before temperature, top_k/top_p and the min_tokens EOS mask;
+ * vLLM's "raw_logprobs"): returns the logprob of token and writes the n_top most likely tokens
+ * (descending, ties to the lower id) to top.
+ */
+float sampling_logprobs(const float *logits, int n_vocab, int32_t token, int n_top,
+                        engine_logprob *top);
 
 #endif
