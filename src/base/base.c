@@ -43,6 +43,13 @@ const char *loom_strerror(int code)
 void loom_log(int level, const char *fmt, ...)
 {
     static const char *names[] = {"error", "warn", "info", "debug"};
+    static int env_read;
+    if (!env_read) { /* LOOM_LOG=0..3 overrides the level once, at the first message */
+        const char *env = getenv("LOOM_LOG");
+        if (env && *env >= '0' && *env <= '3')
+            loom_log_level = *env - '0';
+        env_read = 1;
+    }
     if (level > loom_log_level)
         return;
     char line[2048];

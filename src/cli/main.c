@@ -1,13 +1,45 @@
-/* loom: one binary, subcommands. Placeholder until the serve CLI lands. */
+/*
+ * loom: one binary, subcommands. Each subcommand lives in its own file and is listed in the
+ * table below; `loom <command> --help` documents its flags.
+ */
+#include "cli.h"
+
 #include <stdio.h>
 #include <string.h>
 
+typedef struct cli_command {
+    const char *name;
+    const char *summary;
+    cli_command_fn run;
+} cli_command;
+
+static const cli_command commands[] = {
+    {"serve", "one inference instance: a Hugging Face model behind an OpenAI-compatible HTTP API",
+     cli_serve},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: loom <command> [options]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\nRun 'loom <command> --help' for the options of a command.\n");
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        printf("usage: loom <command> [options]\n");
-        return 0;
+    if (argc < 2) {
+        usage(stderr);
+        return CLI_EXIT_USAGE;
     }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return CLI_EXIT_OK;
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (!strcmp(argv[1], commands[i].name))
+            return commands[i].run(argc - 1, argv + 1);
     fprintf(stderr, "loom: unknown command '%s'\n", argv[1]);
-    return 2;
+    usage(stderr);
+    return CLI_EXIT_USAGE;
 }
