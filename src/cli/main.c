@@ -16,6 +16,7 @@ typedef struct cli_command {
 static const cli_command commands[] = {
     {"serve", "one inference instance: a Hugging Face model behind an OpenAI-compatible HTTP API",
      cli_serve},
+    {"moe", "routing analysis and capacity bounds for MoE routers", cli_moe},
 };
 
 static void usage(FILE *f)
