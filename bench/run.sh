@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their tables into docs/benchmarks.md, each under the exact
-# command that reproduces it. Usage: bench/run.sh [engine]   (default: all)
+# command that reproduces it. Usage: bench/run.sh [engine|moe]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -18,6 +18,18 @@ if [ "$which" = all ] || [ "$which" = engine ]; then
       echo
       cat docs/bench/engine.md.tmp; } > docs/bench/engine.md
     rm -f docs/bench/engine.md.tmp
+fi
+
+if [ "$which" = all ] || [ "$which" = moe ]; then
+    cmd="$BUILD/bench/moe --tokens 512 --reps 5"
+    echo "== $cmd"
+    $cmd --markdown docs/bench/moe.md.tmp
+    { echo "## bench/moe — routing + dispatch + combine, one thread"
+      echo
+      echo "Command: \`make bench\` or \`$cmd\` (machine: $machine)."
+      echo
+      cat docs/bench/moe.md.tmp; } > docs/bench/moe.md
+    rm -f docs/bench/moe.md.tmp
 fi
 
 { echo "# Benchmarks"

@@ -31,6 +31,8 @@ int tokenizer_vocab_size(const tokenizer *t);
 int32_t tokenizer_token_to_id(const tokenizer *t, const char *token);
 /* Raw bytes a token decodes to (byte-level mapping undone); NULL for out-of-range ids. */
 const char *tokenizer_id_to_bytes(const tokenizer *t, int32_t id, size_t *len);
+/* Token text as tokenizer.json writes it (byte-level form, e.g. "\u0120the"); NULL out of range. */
+const char *tokenizer_id_to_token(const tokenizer *t, int32_t id);
 bool tokenizer_is_special(const tokenizer *t, int32_t id);
 int32_t tokenizer_bos_id(const tokenizer *t); /* -1 if none */
 int32_t tokenizer_eos_id(const tokenizer *t); /* -1 if none */
@@ -39,7 +41,10 @@ const char *tokenizer_eos_token(const tokenizer *t);
 
 /* Encode UTF-8 text. Added/special tokens in the text are matched first. When add_special is
  * set the post_processor's tokens are added (none for plain TemplateProcessing "$A"; BOS for
- * Llama-3 style). *ids is malloc'd. */
+ * Llama-3 style). *ids is malloc'd. Invalid UTF-8 in text is encoded as U+FFFD.
+ * A prompt rendered by a chat template already holds the bos_token the template wants: encode
+ * it with add_special=false (as transformers' apply_chat_template and vLLM do), or a Llama-3
+ * prompt starts with two BOS. */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_special,
                      int32_t **ids, int *n_ids, loom_err *e);
 /* Decode ids to a malloc'd NUL-terminated string; invalid UTF-8 becomes U+FFFD. */
@@ -74,5 +79,15 @@ const char *tokenizer_chat_template(const tokenizer *t);
 int chat_template_render(const char *tmpl, const chat_message *msgs, int n_msgs,
                          bool add_generation_prompt, const char *bos_token, const char *eos_token,
                          char **out, loom_err *e);
+/*
+ * Same, with every template variable given as one JSON object, for requests that carry more
+ * than role/content: {"messages": [{"role": ..., "content": ..., "tool_calls": [...]}, ...],
+ * "tools": [...], "add_generation_prompt": true, "bos_token": "<s>", ...}. Keys absent from the
+ * object are undefined in the template.
+ */
+int chat_template_render_json(const char *tmpl, const char *vars_json, char **out, loom_err *e);
+/* Renders the tokenizer's own template with its bos/eos tokens; LOOM_ENOTFOUND without one. */
+int tokenizer_apply_chat_template(const tokenizer *t, const chat_message *msgs, int n_msgs,
+                                  bool add_generation_prompt, char **out, loom_err *e);
 
 #endif
