@@ -54,6 +54,9 @@ void st_set_close(st_set *s);
 const st_tensor *st_set_find(const st_set *s, const char *name);
 /* Copy a tensor widened to f32 into dst (n elements); error if dtype unsupported. */
 int st_tensor_to_f32(const st_tensor *t, float *dst, loom_err *e);
+/* Write a safetensors file: each tensor's name, dtype (F32, F16, BF16, I32, I64), n_dims, shape
+ * and data are used (offset and nbytes are computed). The header is padded to 8 bytes. */
+int st_save(const char *path, const st_tensor *tensors, size_t n, loom_err *e);
 
 /* ---------------------------------------------------------------- config */
 
@@ -64,6 +67,8 @@ typedef enum {
     ARCH_MIXTRAL,
     ARCH_QWEN2_MOE,
 } model_arch;
+
+typedef enum { ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3 } model_rope_type;
 
 typedef struct model_config {
     char architecture[64]; /* as in config.json, e.g. "MixtralForCausalLM" */
@@ -93,6 +98,14 @@ typedef struct model_config {
     int bos_token_id;      /* -1 if none */
     int n_eos;
     int eos_token_ids[8];
+    /* added for the model module (zero = off) */
+    int sliding_window;    /* Mistral/Mixtral sliding_window; 0 = full causal attention */
+    int n_mlp_only_layers; /* Qwen2-MoE mlp_only_layers: dense layers among the MoE ones */
+    int mlp_only_layers[64];
+    model_rope_type rope_type;  /* from rope_parameters / rope_scaling */
+    float rope_factor;          /* linear and llama3 scaling */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
+    int rope_original_max_position;                    /* llama3 */
 } model_config;
 
 int model_config_parse(const char *json, size_t len, model_config *c, loom_err *e);
@@ -104,6 +117,10 @@ const char *const *model_preset_names(void); /* NULL-terminated */
 bool model_config_is_moe_layer(const model_config *c, int layer);
 /* Parameter counts and bytes (f32 as stored in memory). */
 size_t model_config_n_params(const model_config *c);
+/* Parameters read per token by a forward pass (MoE: only the k routed experts of each layer). */
+size_t model_config_n_active_params(const model_config *c);
+/* RoPE inverse frequencies (head_dim/2) for c, with its rope scaling applied. */
+void model_config_rope_inv_freq(const model_config *c, float *inv_freq);
 
 /* ---------------------------------------------------------------- KV cache storage */
 
@@ -128,6 +145,9 @@ int model_create_random(const char *preset, uint64_t seed, model **out, loom_err
 /* "random:<preset>" or a directory. */
 int model_open(const char *spec, model **out, loom_err *e);
 void model_free(model *m);
+/* Write m as a Hugging Face directory: config.json and model.safetensors (f32, per-expert MoE
+ * layout, Hugging Face tensor names). dir must exist. */
+int model_save(const model *m, const char *dir, loom_err *e);
 const model_config *model_get_config(const model *m);
 size_t model_weight_bytes(const model *m);
 
@@ -148,7 +168,9 @@ typedef struct model_batch {
 /*
  * Runs the batch: writes K/V of every new token into kv at its block-table slot, and logits
  * (n_logits, V) for the rows asked. Workspace grows to the largest batch seen (no allocation on
- * the steady-state decode path).
+ * the steady-state decode path). One forward at a time per model (the workspace is the
+ * model's); the batch is validated first (tokens in vocabulary, block ids in range, logit rows
+ * in the batch: LOOM_EINVAL otherwise).
  */
 int model_forward(model *m, model_kv *kv, const model_batch *b, float *logits, loom_err *e);
 

@@ -9,25 +9,43 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Threads used by BLAS and by our own parallel loops (OpenMP). */
+/*
+ * Threads for every kernel here: one pool of n threads (tensor_parallel). GEMMs are split by
+ * output rows into one slab per thread, each slab a single-threaded OpenBLAS call (OpenBLAS's own
+ * pool is set to 1 thread: two pools on the same cores fight). Attention is split over
+ * (sequence, query chunk, head). Default: OpenMP's default count (OMP_NUM_THREADS or the cores).
+ */
 void tensor_set_threads(int n);
 int tensor_get_threads(void);
+/* Runs fn(arg, tid, n) on n = tensor_get_threads() threads, the caller being tid 0, and returns
+ * when all have finished. Idle workers spin briefly, then yield, then sleep. A call from inside
+ * a job, or while another thread's job runs, runs fn(arg, 0, 1) inline. */
+void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg);
 
 /* y (T, out) = x (T, in) @ w^T [+ bias], w (out, in) row-major (Hugging Face Linear layout).
- * Through OpenBLAS SGEMM. bias may be NULL. */
+ * Through OpenBLAS SGEMV (T = 1) or SGEMM, or for 2 <= T <= 16 an AVX2 kernel that streams the
+ * weights once (decode batches). bias may be NULL. */
 void tensor_matmul(float *y, const float *x, const float *w, const float *bias, int T, int in,
                    int out);
 void tensor_matmul_ref(float *y, const float *x, const float *w, const float *bias, int T, int in,
                        int out);
+/* y (T, out) += x (T, in) @ w^T: a Linear whose output is added to a residual stream. */
+void tensor_matmul_add(float *y, const float *x, const float *w, int T, int in, int out);
 
 /* y (T, d) = x / rms(x) * w; y may equal x. */
 void tensor_rmsnorm(float *y, const float *x, const float *w, int T, int d, float eps);
+void tensor_rmsnorm_ref(float *y, const float *x, const float *w, int T, int d, float eps);
 
 /* Rotate-half RoPE in place on x (T, n_heads*hd) at positions pos (T); inv_freq (hd/2). */
 void tensor_rope(float *x, const int32_t *pos, int T, int n_heads, int hd, const float *inv_freq);
+void tensor_rope_ref(float *x, const int32_t *pos, int T, int n_heads, int hd,
+                     const float *inv_freq);
+/* inv_freq (hd/2)[i] = 1 / theta^(2i/hd), computed in f32 like Hugging Face's default RoPE. */
+void tensor_rope_inv_freq(float *inv_freq, int hd, float theta);
 
 /* Numerically stable softmax in place over n values. */
 void tensor_softmax(float *x, int n);
+void tensor_softmax_ref(float *x, int n); /* in double */
 
 /* gate (n) = silu(gate) * up */
 void tensor_silu_mul(float *gate, const float *up, size_t n);
@@ -54,5 +72,20 @@ void tensor_attention_paged_ref(float *out, const float *q, const float *k_cache
                                 const float *v_cache, const int32_t *block_table, int block_size,
                                 int start_pos, int n_q, int n_heads, int n_kv_heads, int hd,
                                 float scale);
+
+/*
+ * The same over a flat varlen batch of n_seqs sequences, parallel over (sequence, query chunk,
+ * head) on tensor_get_threads() threads. Sequences with 16 or more new tokens (prefill) go
+ * through SGEMM in chunks of 64 queries (K/V gathered from the pages; scratch allocated per
+ * call); shorter ones (decode) through an online-softmax kernel that allocates nothing.
+ * Sequence s owns rows seq_start[s] .. seq_start[s+1]-1 of q and out; its first new token is at
+ * position ctx_len[s]. window > 0 limits each query at position p to keys at positions
+ * > p - window (Mistral sliding window); 0 = full causal.
+ */
+void tensor_attention_paged_varlen(float *out, const float *q, const float *k_cache,
+                                   const float *v_cache, int n_seqs, const int32_t *seq_start,
+                                   const int32_t *ctx_len, const int32_t *const *block_tables,
+                                   int block_size, int n_heads, int n_kv_heads, int hd,
+                                   float scale, int window);
 
 #endif
