@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their tables into docs/benchmarks.md, each under the exact
-# command that reproduces it. Usage: bench/run.sh [engine|moe]   (default: all)
+# command that reproduces it. Usage: bench/run.sh [engine|moe|plan]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -30,6 +30,18 @@ if [ "$which" = all ] || [ "$which" = moe ]; then
       echo
       cat docs/bench/moe.md.tmp; } > docs/bench/moe.md
     rm -f docs/bench/moe.md.tmp
+fi
+
+if [ "$which" = all ] || [ "$which" = plan ]; then
+    cmd="$BUILD/bench/plan --machines 10000 --reps 5"
+    echo "== $cmd"
+    $cmd --markdown docs/bench/plan.md.tmp
+    { echo "## bench/plan — planning a 10,000-machine cluster of 8 device types"
+      echo
+      echo "Command: \`make bench\` or \`$cmd\` (machine: $machine)."
+      echo
+      cat docs/bench/plan.md.tmp; } > docs/bench/plan.md
+    rm -f docs/bench/plan.md.tmp
 fi
 
 { echo "# Benchmarks"

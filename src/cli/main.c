@@ -16,6 +16,9 @@ typedef struct cli_command {
 static const cli_command commands[] = {
     {"serve", "one inference instance: a Hugging Face model behind an OpenAI-compatible HTTP API",
      cli_serve},
+    {"plan", "deployment planning: cluster + model + workload -> plan.yaml (instances, TP, KV "
+             "blocks, predicted capacity)",
+     cli_plan},
     {"moe", "routing analysis and capacity bounds for MoE routers", cli_moe},
 };
 
