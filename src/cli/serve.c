@@ -9,6 +9,7 @@
 #include "loom/model.h"
 #include "loom/server.h"
 #include "loom/tensor.h"
+#include "loom/emulated.h"
 #include "loom/tokenizer.h"
 
 #include <getopt.h>
@@ -37,6 +38,9 @@ typedef struct serve_opts {
     uint64_t max_body_bytes;
     long long seed;
     const char *backend;
+    const char *device;  /* emulated backend: catalog device name */
+    long long tp;        /* emulated backend: tensor-parallel degree */
+    const char *catalog; /* emulated backend: device catalog (data/devices.yaml) */
 } serve_opts;
 
 enum {
@@ -58,6 +62,9 @@ enum {
     OPT_MAX_BODY,
     OPT_SEED,
     OPT_BACKEND,
+    OPT_DEVICE,
+    OPT_TP,
+    OPT_CATALOG,
 };
 
 static const struct option long_opts[] = {
@@ -79,6 +86,9 @@ static const struct option long_opts[] = {
     {"max-body-bytes", required_argument, NULL, OPT_MAX_BODY},
     {"seed", required_argument, NULL, OPT_SEED},
     {"backend", required_argument, NULL, OPT_BACKEND},
+    {"device", required_argument, NULL, OPT_DEVICE},
+    {"tp", required_argument, NULL, OPT_TP},
+    {"catalog", required_argument, NULL, OPT_CATALOG},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -100,7 +110,13 @@ static const char serve_help_text[] =
 "                               checkpoints are widened to F32 at load (2x their file size).\n"
 "  --served-model-name NAME     the name clients send as \"model\" (default: the --model value)\n"
 "  --seed N                     seed of random:<preset> weights and of unseeded sampling (0)\n"
-"  --backend cpu                where the forward pass runs (only cpu in this build)\n"
+"  --backend cpu|emulated       where the forward pass runs: cpu (real compute), or emulated:\n"
+"                               the real scheduler and KV accounting, random tokens, and each\n"
+"                               step lasts what the performance model predicts for --device\n"
+"                               (no weights are loaded; /v1/models and /metrics say emulated)\n"
+"  --device NAME                emulated device from the catalog, e.g. H100-80G, V100-32G, T4\n"
+"  --tp N                       emulated tensor-parallel degree (1)\n"
+"  --catalog FILE               device catalog (data/devices.yaml)\n"
 "  --threads N                  BLAS/OpenMP threads of the forward pass (default: online CPUs)\n"
 "\n"
 "scheduling and KV cache:\n"
@@ -164,6 +180,7 @@ static int parse_opts(int argc, char **argv, serve_opts *o, bool *help)
     o->api_key = getenv("LOOM_API_KEY");
     o->max_body_bytes = 8ull << 20;
     o->backend = "cpu";
+    o->tp = 1;
     *help = false;
 
     optind = 1;
@@ -228,6 +245,15 @@ static int parse_opts(int argc, char **argv, serve_opts *o, bool *help)
         case OPT_BACKEND:
             o->backend = a;
             break;
+        case OPT_DEVICE:
+            o->device = a;
+            break;
+        case OPT_TP:
+            ok = cli_parse_int(a, 1, 64, &o->tp);
+            break;
+        case OPT_CATALOG:
+            o->catalog = a;
+            break;
         case 'h':
             *help = true;
             return 0;
@@ -251,8 +277,15 @@ static int parse_opts(int argc, char **argv, serve_opts *o, bool *help)
                                  "random:<preset>, e.g. random:llama-tiny)");
     if (o->num_kv_blocks && o->kv_cache_memory)
         return usage_error("%s", "give --num-kv-blocks or --kv-cache-memory, not both");
-    if (strcmp(o->backend, "cpu") != 0)
-        return usage_error("backend '%s' is not available in this build (only cpu)", o->backend);
+    if (strcmp(o->backend, "cpu") != 0 && strcmp(o->backend, "emulated") != 0)
+        return usage_error("backend '%s' is not available in this build (cpu or emulated)",
+                           o->backend);
+    bool emulated = !strcmp(o->backend, "emulated");
+    if (emulated && !o->device)
+        return usage_error("%s", "--backend emulated needs --device (e.g. H100-80G; the catalog "
+                                 "is data/devices.yaml)");
+    if (!emulated && (o->device || o->tp != 1))
+        return usage_error("%s", "--device and --tp are for --backend emulated");
     return 0;
 }
 
@@ -301,15 +334,29 @@ int cli_serve(int argc, char **argv)
 
     tensor_set_threads((int)o.threads);
     bool random_model = strncmp(o.model, "random:", 7) == 0;
-    if (random_model)
-        rc = model_create_random(o.model + 7, (uint64_t)o.seed, &m, &e);
-    else
-        rc = model_load(o.model, &m, &e);
+    bool emulated = !strcmp(o.backend, "emulated");
+    model_config emu_config;
+    const model_config *mc;
+    if (emulated) { /* the config is all an emulated device needs: no weights */
+        if (random_model) {
+            rc = model_config_preset(o.model + 7, &emu_config, &e);
+        } else {
+            char *path = loom_path_join(o.model, "config.json");
+            rc = model_config_load(path, &emu_config, &e);
+            free(path);
+        }
+        mc = &emu_config;
+    } else {
+        if (random_model)
+            rc = model_create_random(o.model + 7, (uint64_t)o.seed, &m, &e);
+        else
+            rc = model_load(o.model, &m, &e);
+        mc = rc ? NULL : model_get_config(m);
+    }
     if (rc) {
         exit_code = fail(CLI_EXIT_USAGE, e.msg);
         goto done;
     }
-    const model_config *mc = model_get_config(m);
     if (random_model) {
         tok = tokenizer_create_bytes(mc->vocab_size);
     } else if ((rc = tokenizer_load_dir(o.model, &tok, &e))) {
@@ -329,6 +376,16 @@ int cli_serve(int argc, char **argv)
     }
     size_t block_bytes;
     long long blocks = kv_blocks(&o, mc, max_model_len, &block_bytes);
+    if (emulated && !o.num_kv_blocks && !o.kv_cache_memory) {
+        /* the emulated device's memory decides, as the planner models it */
+        int64_t cap = 0;
+        if ((rc = engine_backend_emulated_capacity(mc, o.device, (int)o.tp, o.catalog,
+                                                   (int)o.block_size, 0.9, &cap, &e))) {
+            exit_code = fail(CLI_EXIT_USAGE, e.msg);
+            goto done;
+        }
+        blocks = cap;
+    }
     if (blocks > (1LL << 30)) {
         snprintf(msg, sizeof(msg), "a KV cache of %lld blocks is more than loom handles (2^30)",
                  blocks);
@@ -364,7 +421,14 @@ int cli_serve(int argc, char **argv)
     }
 
     engine_backend backend;
-    if ((rc = engine_backend_cpu_create(m, (int)blocks, (int)o.block_size, &backend, &e))) {
+    if (emulated) {
+        if ((rc = engine_backend_emulated_create(mc, o.device, (int)o.tp, o.catalog, (int)blocks,
+                                                 (int)o.block_size, &backend, &e))) {
+            exit_code = fail(CLI_EXIT_USAGE, e.msg);
+            goto done;
+        }
+    } else if ((rc = engine_backend_cpu_create(m, (int)blocks, (int)o.block_size, &backend,
+                                               &e))) {
         snprintf(msg, sizeof(msg), "KV cache of %lld blocks: %s", blocks, e.msg);
         exit_code = fail(CLI_EXIT_FAIL, msg);
         goto done;
@@ -401,16 +465,23 @@ int cli_serve(int argc, char **argv)
     }
     en = NULL;
 
-    char kv_size[32], weights[32];
+    char kv_size[32], weights[32] = "";
     cli_format_bytes((uint64_t)blocks * block_bytes, kv_size, sizeof(kv_size));
-    cli_format_bytes(model_weight_bytes(m), weights, sizeof(weights));
+    if (m)
+        cli_format_bytes(model_weight_bytes(m), weights, sizeof(weights));
     /* the address to print: a wildcard is reached through loopback, IPv6 goes in brackets */
     const char *shown_host = !strcmp(o.host, "0.0.0.0") ? "127.0.0.1"
                              : !strcmp(o.host, "::")    ? "::1"
                                                         : o.host;
     const char *lb = strchr(shown_host, ':') ? "[" : "", *rb = *lb ? "]" : "";
-    printf("loom serve: model %s (%s, %d layers, %s of f32 weights), backend cpu, %lld threads\n",
-           o.model, mc->architecture, mc->n_layers, weights, o.threads);
+    if (emulated)
+        printf("loom serve: model %s (%s, %d layers), backend emulated: %s x%lld (modelled step "
+               "times; no weights loaded)\n",
+               o.model, mc->architecture, mc->n_layers, o.device, o.tp);
+    else
+        printf("loom serve: model %s (%s, %d layers, %s of f32 weights), backend cpu, %lld "
+               "threads\n",
+               o.model, mc->architecture, mc->n_layers, weights, o.threads);
     printf("loom serve: KV cache %lld blocks x %lld tokens (%s), max-model-len %d, "
            "max-num-seqs %lld, prefix caching %s\n",
            blocks, o.block_size, kv_size, max_model_len, o.max_num_seqs,
