@@ -78,6 +78,13 @@ int api_request_tokenize(api_request *r, const tokenizer *tok, const api_limits 
                          api_error *err);
 void api_request_free(api_request *r);
 
+/* vLLM's POST /tokenize ({"prompt"} or {"messages"}, add_special_tokens) and POST /detokenize
+ * ({"tokens"}): the JSON reply body into out, or -1 with err (400, 404). */
+int api_tokenize(const char *body, size_t len, const api_limits *lim, const tokenizer *tok,
+                 loom_buf *out, api_error *err);
+int api_detokenize(const char *body, size_t len, const api_limits *lim, const tokenizer *tok,
+                   loom_buf *out, api_error *err);
+
 /* ---------------------------------------------------------------- API responses (pure) */
 
 /* One generated token as a response remembers it (only when logprobs were asked for). */

@@ -1089,3 +1089,111 @@ void api_stream_error(const api_error *err, loom_buf *out)
     free(json);
     buf_puts(out, "data: [DONE]\n\n");
 }
+
+/* ---------------------------------------------------------------- /tokenize, /detokenize */
+
+/*
+ * vLLM's POST /tokenize: {"prompt": "..."} (add_special_tokens, default true) or
+ * {"messages": [...]} (chat template with the generation prompt; add_special_tokens default
+ * false) -> {"count": N, "max_model_len": M, "tokens": [...]}. Benchmarks use it to build prompts
+ * of exact token counts for this server's tokenizer.
+ */
+int api_tokenize(const char *body, size_t len, const api_limits *lim, const tokenizer *tok,
+                 loom_buf *out, api_error *err)
+{
+    bool chat = false;
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (!root || !cJSON_IsObject(root)) {
+        BAD(err, NULL, "the request body must be a JSON object");
+        cJSON_Delete(root);
+        return -1;
+    }
+    chat = field(root, "messages") != NULL;
+    const cJSON *special = field(root, "add_special_tokens");
+    if (special && !cJSON_IsBool(special)) {
+        BAD(err, "add_special_tokens", "'add_special_tokens' must be a boolean");
+        cJSON_Delete(root);
+        return -1;
+    }
+    bool add_special = special ? cJSON_IsTrue(special) : !chat;
+    cJSON_Delete(root);
+
+    /* The generation parser validates model, prompt and messages the same way as generation. */
+    api_request r;
+    if (api_request_parse(chat ? API_CHAT : API_COMPLETIONS, body, len, lim, &r, err) != 0)
+        return -1;
+    int rc = 0;
+    if (!r.prompt_ids) {
+        loom_err le = {0};
+        char *text = NULL;
+        const char *src = r.prompt_text ? r.prompt_text : "";
+        if (chat) {
+            if (tokenizer_apply_chat_template(tok, r.messages, r.n_messages, true, &text, &le)) {
+                BAD(err, "messages", "cannot apply the chat template: %s", le.msg);
+                api_request_free(&r);
+                return -1;
+            }
+            src = text;
+        }
+        rc = tokenizer_encode(tok, src, strlen(src), add_special, &r.prompt_ids, &r.n_prompt, &le);
+        free(text);
+        if (rc) {
+            BAD(err, chat ? "messages" : "prompt", "cannot tokenize the prompt: %s", le.msg);
+            api_request_free(&r);
+            return -1;
+        }
+    }
+    buf_printf(out, "{\"count\":%d,\"max_model_len\":%d,\"tokens\":[", r.n_prompt,
+               lim->max_model_len);
+    for (int i = 0; i < r.n_prompt; i++)
+        buf_printf(out, i ? ",%d" : "%d", r.prompt_ids[i]);
+    buf_puts(out, "]}");
+    api_request_free(&r);
+    return 0;
+}
+
+/* vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": "text"}. */
+int api_detokenize(const char *body, size_t len, const api_limits *lim, const tokenizer *tok,
+                   loom_buf *out, api_error *err)
+{
+    int rc = -1;
+    int32_t *ids = NULL;
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (!root || !cJSON_IsObject(root)) {
+        BAD(err, NULL, "the request body must be a JSON object");
+        goto done;
+    }
+    const cJSON *model = field(root, "model");
+    if (model && (!cJSON_IsString(model) || strcmp(model->valuestring, lim->model_name) != 0)) {
+        api_error_set(err, 404, ERR_INVALID, "model", "model_not_found",
+                      "The model does not exist; this server serves '%.200s'", lim->model_name);
+        goto done;
+    }
+    const cJSON *tokens = field(root, "tokens");
+    if (!cJSON_IsArray(tokens)) {
+        BAD(err, "tokens", "'tokens' must be an array of token ids");
+        goto done;
+    }
+    int n = cJSON_GetArraySize(tokens), i = 0;
+    ids = xmalloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    const cJSON *t;
+    cJSON_ArrayForEach(t, tokens)
+    {
+        if (!cJSON_IsNumber(t) || t->valuedouble != (double)(int64_t)t->valuedouble ||
+            t->valuedouble < 0 || t->valuedouble >= lim->vocab_size) {
+            BAD(err, "tokens", "'tokens' must hold token ids in [0, %d)", lim->vocab_size);
+            goto done;
+        }
+        ids[i++] = (int32_t)t->valuedouble;
+    }
+    char *text = tokenizer_decode(tok, ids, n, false);
+    buf_puts(out, "{\"prompt\":");
+    api_json_string(out, text, strlen(text));
+    buf_puts(out, "}");
+    free(text);
+    rc = 0;
+done:
+    free(ids);
+    cJSON_Delete(root);
+    return rc;
+}

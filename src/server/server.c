@@ -757,6 +757,40 @@ static void handle_metrics(server *s, struct evhttp_request *evreq)
     buf_free(&b);
 }
 
+/* POST /tokenize and /detokenize (vLLM): pure translation on this thread, the tokenizer is
+ * read-only. */
+static void handle_token_api(server *s, struct evhttp_request *evreq, bool tokenize)
+{
+    struct evbuffer *in = evhttp_request_get_input_buffer(evreq);
+    size_t len = evbuffer_get_length(in);
+    if (len > s->max_body_bytes) {
+        reply_simple_error(evreq, 413, "invalid_request_error", "request_too_large",
+                           "the request body is over the limit (--max-body-bytes)");
+        return;
+    }
+    const char *body = len ? (const char *)evbuffer_pullup(in, -1) : "";
+    api_error err;
+    loom_buf out;
+    buf_init(&out);
+    int rc = tokenize ? api_tokenize(body, len, &s->lim, s->tok, &out, &err)
+                      : api_detokenize(body, len, &s->lim, s->tok, &out, &err);
+    if (rc == 0)
+        send_body(evreq, 200, "application/json", out.data, out.len);
+    else
+        send_error(evreq, &err);
+    buf_free(&out);
+}
+
+static void handle_tokenize(server *s, struct evhttp_request *evreq)
+{
+    handle_token_api(s, evreq, true);
+}
+
+static void handle_detokenize(server *s, struct evhttp_request *evreq)
+{
+    handle_token_api(s, evreq, false);
+}
+
 typedef struct route {
     const char *path;
     enum evhttp_cmd_type method;
@@ -769,6 +803,8 @@ static const route routes[] = {
     {"/v1/completions", EVHTTP_REQ_POST, "POST", true, handle_completions},
     {"/v1/chat/completions", EVHTTP_REQ_POST, "POST", true, handle_chat},
     {"/v1/models", EVHTTP_REQ_GET, "GET", true, handle_models},
+    {"/tokenize", EVHTTP_REQ_POST, "POST", true, handle_tokenize},
+    {"/detokenize", EVHTTP_REQ_POST, "POST", true, handle_detokenize},
     {"/health", EVHTTP_REQ_GET, "GET", false, handle_health},
     {"/metrics", EVHTTP_REQ_GET, "GET", false, handle_metrics},
 };
