@@ -16,9 +16,11 @@ ifeq ($(CI),true)
 WARN += -Werror
 endif
 OPT ?= -O2
+MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
+MPI_LIBS := $(shell pkg-config --libs ompi-c 2>/dev/null)
 CFLAGS_ALL := -std=gnu11 $(OPT) -g -fopenmp -pthread $(WARN) -Iinclude -I/usr/include/cjson \
-	$(CFLAGS)
-LDLIBS_ALL := -lgsl -lopenblas -levent_core -levent_extra -levent_pthreads -lcjson -lyaml -lpcre2-8 -lm -lgomp -lpthread
+	$(MPI_CFLAGS) $(CFLAGS)
+LDLIBS_ALL := -lgsl -lopenblas -levent_core -levent_extra -levent_pthreads -lcjson -lyaml -lpcre2-8 $(MPI_LIBS) -lm -lgomp -lpthread
 LDFLAGS_ALL := -fopenmp -pthread $(LDFLAGS)
 ifneq ($(SANITIZE),)
 CFLAGS_ALL += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
@@ -69,7 +71,7 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libloom.a
 # Fuzz targets: libFuzzer under clang when present (the library is compiled once more with
 # clang and sanitizers into libloom-fuzz.a); otherwise a replay driver over the seed corpus.
 FUZZ_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang)
-FUZZ_CFLAGS := -std=gnu11 -g -O1 -fopenmp=libgomp -pthread -Iinclude -I/usr/include/cjson \
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -fopenmp=libgomp -pthread -Iinclude -I/usr/include/cjson $(MPI_CFLAGS) \
 	-fsanitize=address,undefined -fno-omit-frame-pointer
 FUZZ_OBJ := $(LIB_SRC:%.c=$(BUILD)/fuzzobj/%.o)
 $(BUILD)/fuzzobj/%.o: %.c
