@@ -43,7 +43,7 @@ FUZZ_SRC := $(shell find tests/fuzz -name 'fuzz_*.c' 2>/dev/null | sort)
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=$(BUILD)/fuzz/%)
 DEPS := $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(wildcard $(BUILD)/fuzzobj/src/*/*.d)
 
-.PHONY: all run test bench fuzz setup clean format tests-bin benches
+.PHONY: all run run-now test test-now bench bench-now fuzz setup clean format tests-bin benches
 all: $(BUILD)/loom
 
 setup:
@@ -94,13 +94,21 @@ tests-bin: $(TEST_BIN)
 fuzz: $(FUZZ_BIN)
 benches: $(BENCH_BIN)
 
-run: setup $(BUILD)/loom
+# run, test and bench install what is missing first, then build in a second make, so that the
+# flags probed at parse time (pkg-config, clang) see the freshly installed packages.
+run: setup
+	@$(MAKE) --no-print-directory run-now
+run-now: $(BUILD)/loom
 	$(BUILD)/loom serve --model random:llama-tiny --port 8000
 
-test: setup $(BUILD)/loom $(TEST_BIN) $(FUZZ_BIN)
+test: setup
+	@$(MAKE) --no-print-directory test-now
+test-now: $(BUILD)/loom $(TEST_BIN) $(FUZZ_BIN)
 	@BUILD=$(BUILD) tests/run.sh
 
-bench: setup $(BUILD)/loom $(BENCH_BIN)
+bench: setup
+	@$(MAKE) --no-print-directory bench-now
+bench-now: $(BUILD)/loom $(BENCH_BIN)
 	@BUILD=$(BUILD) bench/run.sh
 
 format:
