@@ -103,7 +103,7 @@ run-now: $(BUILD)/loom
 
 test: setup
 	@$(MAKE) --no-print-directory test-now
-test-now: $(BUILD)/loom $(TEST_BIN) $(FUZZ_BIN)
+test-now: $(BUILD)/loom $(TEST_BIN) $(FUZZ_BIN) $(BENCH_BIN)
 	@BUILD=$(BUILD) tests/run.sh
 
 bench: setup

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their tables into docs/benchmarks.md, each under the exact
-# command that reproduces it. Usage: bench/run.sh [engine|moe|plan]   (default: all)
+# command that reproduces it. Usage: bench/run.sh [engine|moe|plan|client]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -42,6 +42,18 @@ if [ "$which" = all ] || [ "$which" = plan ]; then
       echo
       cat docs/bench/plan.md.tmp; } > docs/bench/plan.md
     rm -f docs/bench/plan.md.tmp
+fi
+
+if [ "$which" = all ] || [ "$which" = client ]; then
+    cmd="$BUILD/bench/client_ceiling --seconds 3"
+    echo "== $cmd"
+    $cmd --markdown docs/bench/client.md.tmp
+    { echo "## bench/client_ceiling — loom bench's own ceiling against a trivial streaming upstream"
+      echo
+      echo "Command: \`make bench\` or \`$cmd\` (machine: $machine)."
+      echo
+      cat docs/bench/client.md.tmp; } > docs/bench/client.md
+    rm -f docs/bench/client.md.tmp
 fi
 
 { echo "# Benchmarks"

@@ -19,6 +19,9 @@ static const cli_command commands[] = {
     {"plan", "deployment planning: cluster + model + workload -> plan.yaml (instances, TP, KV "
              "blocks, predicted capacity)",
      cli_plan},
+    {"bench", "replay a trace or synthetic load against OpenAI endpoints: TTFT, TPOT, "
+              "throughput, goodput",
+     cli_bench},
     {"moe", "routing analysis and capacity bounds for MoE routers", cli_moe},
 };
 
