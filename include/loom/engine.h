@@ -153,6 +153,7 @@ int engine_check(const engine *en, loom_err *e);
 
 /* Index of the largest logit, ties to the lowest id. */
 int32_t sampling_argmax(const float *logits, int n_vocab);
+int32_t sampling_argmax_ref(const float *logits, int n_vocab); /* naive loop: the oracle */
 /*
  * Draws one token from logits (n_vocab) under p: temperature 0 (below 1e-5) is greedy; otherwise
  * logits / temperature, then top_k (the k largest; ties to the lower id), then top_p (the

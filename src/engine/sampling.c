@@ -10,6 +10,9 @@
 
 #include <math.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define SAMPLING_EPS 1e-5f
 
@@ -84,13 +87,57 @@ static void select_top(const float *key, int n, int k, int32_t *out)
     heap_sort(out, k, key);
 }
 
-int32_t sampling_argmax(const float *logits, int n_vocab)
+int32_t sampling_argmax_ref(const float *logits, int n_vocab)
 {
     int32_t best = 0;
     for (int32_t i = 1; i < n_vocab; i++)
         if (logits[i] > logits[best])
             best = i;
     return best;
+}
+
+/*
+ * Greedy decoding calls this once per sequence per step over the whole vocabulary, so it is on
+ * the hot path of every instance (and the main host cost of emulated ones). Two passes: the
+ * maximum with SSE (baseline x86-64, four independent lanes x4 accumulators), then the first
+ * index holding it. A NaN anywhere makes the SSE maximum order-dependent, so that case (never
+ * seen with finite logits) falls back to the reference loop, which is the definition.
+ */
+int32_t sampling_argmax(const float *logits, int n_vocab)
+{
+#if defined(__SSE2__)
+    if (n_vocab >= 32) {
+        __m128 m0 = _mm_loadu_ps(logits), m1 = m0, m2 = m0, m3 = m0;
+        __m128 nan = _mm_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= n_vocab; i += 16) {
+            __m128 a = _mm_loadu_ps(logits + i), b = _mm_loadu_ps(logits + i + 4);
+            __m128 c = _mm_loadu_ps(logits + i + 8), d = _mm_loadu_ps(logits + i + 12);
+            nan = _mm_or_ps(nan, _mm_or_ps(_mm_cmpunord_ps(a, b), _mm_cmpunord_ps(c, d)));
+            m0 = _mm_max_ps(m0, a);
+            m1 = _mm_max_ps(m1, b);
+            m2 = _mm_max_ps(m2, c);
+            m3 = _mm_max_ps(m3, d);
+        }
+        if (_mm_movemask_ps(nan))
+            return sampling_argmax_ref(logits, n_vocab);
+        m0 = _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3));
+        float lanes[4];
+        _mm_storeu_ps(lanes, m0);
+        float max = lanes[0];
+        for (int k = 1; k < 4; k++)
+            max = lanes[k] > max ? lanes[k] : max;
+        for (; i < n_vocab; i++) {
+            if (isnan(logits[i]))
+                return sampling_argmax_ref(logits, n_vocab);
+            max = logits[i] > max ? logits[i] : max;
+        }
+        for (int32_t j = 0; j < n_vocab; j++)
+            if (logits[j] == max)
+                return j;
+    }
+#endif
+    return sampling_argmax_ref(logits, n_vocab);
 }
 
 int32_t sampling_sample(float *logits, int n_vocab, const sampling_params *p, loom_rng *rng,

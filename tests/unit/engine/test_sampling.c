@@ -77,6 +77,26 @@ static void check_distribution(const float *x, const sampling_params *p, const d
     }
 }
 
+/* The SSE argmax against the naive loop: random rows of every length around the vector widths,
+ * ties (first index wins), -inf, and NaN (falls back to the reference definition). */
+static void test_argmax_vs_ref(void **state)
+{
+    loom_rng rng;
+    rng_seed(&rng, 11);
+    float x[300];
+    for (int trial = 0; trial < 2000; trial++) {
+        int n = 1 + (int)(rng_next(&rng) % 300);
+        int levels = 1 + (int)(rng_next(&rng) % 8); /* few levels: many ties */
+        for (int i = 0; i < n; i++)
+            x[i] = (float)(rng_next(&rng) % (uint64_t)levels) - 3.0f;
+        if (trial % 7 == 0)
+            x[rng_next(&rng) % (uint64_t)n] = -INFINITY;
+        if (trial % 11 == 0)
+            x[rng_next(&rng) % (uint64_t)n] = NAN;
+        assert_int_equal(sampling_argmax(x, n), sampling_argmax_ref(x, n));
+    }
+}
+
 static void test_distributions(void **state)
 {
     float x[V];
@@ -201,7 +221,8 @@ static void test_masked(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_greedy), cmocka_unit_test(test_distributions),
+        cmocka_unit_test(test_greedy), cmocka_unit_test(test_argmax_vs_ref),
+        cmocka_unit_test(test_distributions),
         cmocka_unit_test(test_seeded), cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_masked),
     };
