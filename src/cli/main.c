@@ -22,6 +22,8 @@ static const cli_command commands[] = {
     {"bench", "replay a trace or synthetic load against OpenAI endpoints: TTFT, TPOT, "
               "throughput, goodput",
      cli_bench},
+    {"train", "train a (MoE) language model, expert parallel over MPI; export a HF checkpoint",
+     cli_train},
     {"moe", "routing analysis and capacity bounds for MoE routers", cli_moe},
 };
 
