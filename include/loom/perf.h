@@ -283,6 +283,48 @@ void perf_profile_write(const perf_profile *p, loom_buf *b);
 int perf_profile_find(const char *dir, const char *device, int tp, const char *model,
                       perf_profile *out, loom_err *e);
 
+/* ---------------------------------------------------------------- profiling runs */
+
+/* One step as it ran on an instance (its composition) and how long it took there. Whatever
+ * drives the instance (the engine in process, or HTTP batches against a server) produces
+ * these; perf turns them into roofline terms and fits (perf_profile_fit). */
+typedef struct perf_timed_step {
+    perf_step step;
+    double seconds;
+    int kind; /* PERF_STEP_PREFILL or PERF_STEP_DECODE: what the sample was meant to time */
+} perf_timed_step;
+
+enum { PERF_STEP_PREFILL = 0, PERF_STEP_DECODE = 1 };
+
+/*
+ * Fits the latency coefficients of model pm on tp devices of kind dev to timed steps, starting
+ * from prior (dev->coef when NULL), and fills out: device name, tp, model_name ("" = any
+ * model), the sample count, the coefficients and the fit's relative RMS error. errors (may be
+ * NULL) receives each step's relative error (predicted - measured) / measured.
+ */
+int perf_profile_fit(const perf_model *pm, const perf_device *dev, int tp, const char *model_name,
+                     const perf_timed_step *steps, int n, const perf_coef *prior,
+                     perf_profile *out, double *errors, loom_err *e);
+
+/* What `loom profile --host` measures: the host as the catalog's pooled `cpu` device. */
+typedef struct perf_host {
+    int cores;          /* online CPUs */
+    double mem_bytes;   /* physical memory, whole host */
+    double mem_bw;      /* bytes/s, all cores streaming together (whole host) */
+    double mem_bw_one;  /* bytes/s, one core streaming alone */
+    double gemm_flops;  /* F32 GEMM FLOP/s of one core (the caller measures it: perf has no BLAS) */
+    double gemm_flops_all; /* F32 GEMM FLOP/s with every core, whole host */
+} perf_host;
+
+/* Physical memory and online CPUs. */
+void perf_host_basics(perf_host *h);
+/* Triad bandwidth (a[i] = b[i] + s c[i], 24 bytes per element moved) over buffers of `bytes`
+ * each, on `threads` threads at once, best of `reps`: bytes/s of all threads together. */
+double perf_host_stream(int threads, size_t bytes, int reps);
+/* A catalog holding one `cpu` entry with the host's figures (per core: memory and bandwidth
+ * are the host's shares, FLOP/s the one-core GEMM rate), commented with what was measured. */
+void perf_host_write_catalog(const perf_host *h, loom_buf *b);
+
 /* Bytes as "26.1 GiB" into out. */
 void perf_format_bytes(double bytes, char *out, size_t cap);
 

@@ -24,6 +24,9 @@ static const cli_command commands[] = {
      cli_bench},
     {"train", "train a (MoE) language model, expert parallel over MPI; export a HF checkpoint",
      cli_train},
+    {"profile", "time a small grid of batches on an instance and fit the latency model; --host "
+                "measures this host",
+     cli_profile},
     {"moe", "routing analysis and capacity bounds for MoE routers", cli_moe},
 };
 
