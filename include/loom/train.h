@@ -227,6 +227,11 @@ int train_step(train_model *m, train_adamw *o, const train_data *d, const train_
 /* Mean CE over n_batches fixed validation batches. */
 int train_evaluate(train_model *m, const train_data *d, const train_step_config *sc,
                    int n_batches, double *val_loss, loom_err *e);
+/* Greedy continuation of prompt by n_new tokens into out (n_new): the forward recomputed over
+ * the last T_max tokens for each one, argmax (lowest id on ties), no EOS stop. The oracle the
+ * exported checkpoint's `loom serve` output is checked against. Collective under mpirun. */
+int train_greedy(train_model *m, const int32_t *prompt, int n_prompt, int n_new, int32_t *out,
+                 loom_err *e);
 
 /* ---------------------------------------------------------------- checkpoints and export */
 

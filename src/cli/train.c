@@ -77,6 +77,9 @@ static void usage(FILE *f)
             "  --resume FILE         continue from a checkpoint (same model flags)\n"
             "  --export DIR          write a Hugging Face directory (config.json,\n"
             "                        model.safetensors, tokenizer files) that loom serve loads\n"
+            "  --sample-prompt TEXT  at the end, print the greedy continuation of TEXT (the\n"
+            "                        oracle for the exported checkpoint in loom serve)\n"
+            "  --sample-tokens N     tokens of that continuation (default 32)\n"
             "  --quiet               no progress bar\n"
             "  -h, --help            this text\n");
 }
@@ -95,11 +98,12 @@ static bool parse_double(const char *s, double lo, double hi, double *out)
 }
 
 typedef struct opts {
-    const char *preset, *init, *tokenizer, *router, *log, *plot, *save, *resume, *export_dir;
+    const char *preset, *init, *tokenizer, *router, *log, *plot, *save, *resume, *export_dir,
+        *sample_prompt;
     const char **data;
     int n_data;
     long long steps, batch, seq_len, accum, warmup, val_every, val_batches, log_every,
-        save_every, rpn, threads, seed;
+        save_every, rpn, threads, seed, sample_tokens;
     long long layers, hidden, heads, kv_heads, inter, experts, top_k;
     double lr, min_lr, wd, clip, aux, z, loc, cf, val_fraction;
     bool quiet, aux_set, loc_set;
@@ -109,7 +113,7 @@ enum {
     O_PRESET = 256, O_INIT, O_DATA, O_TOK, O_STEPS, O_SEED, O_BATCH, O_SEQ, O_ACCUM, O_LR,
     O_MINLR, O_WARMUP, O_WD, O_CLIP, O_ROUTER, O_AUX, O_Z, O_LOC, O_CF, O_RPN, O_LOG, O_LOGEVERY,
     O_PLOT, O_EXPORT, O_SAVE, O_SAVEEVERY, O_RESUME, O_VALFRAC, O_VALEVERY, O_VALBATCHES,
-    O_THREADS, O_QUIET, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK,
+    O_THREADS, O_QUIET, O_SAMPLE, O_SAMPLETOK, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK,
 };
 
 static int fail(train_dist *d, int code, const char *msg, const char *hint)
@@ -197,6 +201,42 @@ static int plot(const char *png, const double *loss, const double *val, int n)
     return rc;
 }
 
+/* --sample-prompt: the trainer's own greedy continuation, printed to stdout as one JSON line
+ * ({"prompt_ids": [...], "greedy_ids": [...], "text": "..."}) that tests compare with
+ * `loom serve` on the export. */
+static int sample(train_model *m, const tokenizer *tok, const char *prompt, int n_new,
+                  train_dist *dist, loom_err *e)
+{
+    int32_t *ids = NULL, *out = xmalloc((size_t)n_new * sizeof(int32_t));
+    int n = 0, rc = tokenizer_encode(tok, prompt, strlen(prompt), false, &ids, &n, e);
+    if (!rc)
+        rc = train_greedy(m, ids, n, n_new, out, e);
+    if (!rc && dist->rank == 0) {
+        char *text = tokenizer_decode(tok, out, n_new, true);
+        printf("{\"prompt_ids\": [");
+        for (int i = 0; i < n; i++)
+            printf("%s%d", i ? ", " : "", ids[i]);
+        printf("], \"greedy_ids\": [");
+        for (int i = 0; i < n_new; i++)
+            printf("%s%d", i ? ", " : "", out[i]);
+        printf("], \"text\": \"");
+        for (const unsigned char *p = (const unsigned char *)(text ? text : ""); *p; p++) {
+            if (*p == '"' || *p == '\\')
+                printf("\\%c", *p);
+            else if (*p < 0x20)
+                printf("\\u%04x", *p);
+            else
+                putchar(*p);
+        }
+        printf("\"}\n");
+        fflush(stdout);
+        free(text);
+    }
+    free(ids);
+    free(out);
+    return rc;
+}
+
 int cli_train(int argc, char **argv)
 {
     opts o = {0};
@@ -215,6 +255,7 @@ int cli_train(int argc, char **argv)
     o.clip = 1.0;
     o.aux = 0.01;
     o.val_fraction = 0.1;
+    o.sample_tokens = 32;
     o.layers = o.hidden = o.heads = o.kv_heads = o.inter = o.experts = o.top_k = -1;
     o.data = calloc((size_t)argc + 1, sizeof(char *));
     static const struct option lo[] = {
@@ -229,7 +270,8 @@ int cli_train(int argc, char **argv)
         {"save", 1, 0, O_SAVE}, {"save-every", 1, 0, O_SAVEEVERY}, {"resume", 1, 0, O_RESUME},
         {"val-fraction", 1, 0, O_VALFRAC}, {"val-every", 1, 0, O_VALEVERY},
         {"val-batches", 1, 0, O_VALBATCHES}, {"threads", 1, 0, O_THREADS},
-        {"quiet", 0, 0, O_QUIET}, {"layers", 1, 0, O_LAYERS}, {"hidden", 1, 0, O_HIDDEN},
+        {"quiet", 0, 0, O_QUIET}, {"sample-prompt", 1, 0, O_SAMPLE},
+        {"sample-tokens", 1, 0, O_SAMPLETOK}, {"layers", 1, 0, O_LAYERS}, {"hidden", 1, 0, O_HIDDEN},
         {"heads", 1, 0, O_HEADS}, {"kv-heads", 1, 0, O_KVHEADS},
         {"intermediate", 1, 0, O_INTER}, {"experts", 1, 0, O_EXPERTS}, {"top-k", 1, 0, O_TOPK},
         {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
@@ -252,6 +294,8 @@ int cli_train(int argc, char **argv)
         case O_SAVE: o.save = a; break;
         case O_RESUME: o.resume = a; break;
         case O_QUIET: o.quiet = true; break;
+        case O_SAMPLE: o.sample_prompt = a; break;
+        case O_SAMPLETOK: ok = cli_parse_int(a, 1, 1 << 20, &o.sample_tokens); break;
         case O_STEPS: ok = cli_parse_int(a, 0, 100000000, &o.steps); break;
         case O_SEED: ok = cli_parse_int(a, 0, INT64_MAX, &o.seed); break;
         case O_BATCH: ok = cli_parse_int(a, 1, 1 << 20, &o.batch); break;
@@ -502,6 +546,10 @@ int cli_train(int argc, char **argv)
         if (dist.rank == 0)
             fprintf(stderr, "loom train: exported %s (loom serve --model %s)\n", o.export_dir,
                     o.export_dir);
+    }
+    if (o.sample_prompt && sample(m, tok, o.sample_prompt, (int)o.sample_tokens, &dist, &e)) {
+        code = fail(&dist, CLI_EXIT_FAIL, e.msg, NULL);
+        goto out;
     }
     if (o.plot && dist.rank == 0 && o.steps > start &&
         plot(o.plot, hist + start, vhist + start, (int)(o.steps - start)) != 0)

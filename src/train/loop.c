@@ -85,3 +85,37 @@ int train_evaluate(train_model *m, const train_data *d, const train_step_config 
     *val_loss = n_batches > 0 ? sum / n_batches : 0.0;
     return rc;
 }
+
+/*
+ * Greedy decode with the training forward: the context (at most T_max tokens, the last ones) is
+ * recomputed from scratch for every new token, the argmax of the last position's logits
+ * appended (first index on ties, as the engine's sampler). No KV cache, no EOS stop: an oracle
+ * for what `loom serve` must produce from the exported checkpoint, not a fast path. Collective:
+ * under mpirun every rank calls it with the same prompt.
+ */
+int train_greedy(train_model *m, const int32_t *prompt, int n_prompt, int n_new, int32_t *out,
+                 loom_err *e)
+{
+    int T_max = m->cfg.T_max, V = m->cfg.model.vocab_size;
+    if (n_prompt < 1)
+        return loom_errf(e, LOOM_EINVAL, "train: greedy decode needs a non-empty prompt");
+    int n = n_prompt + n_new;
+    int32_t *seq = xmalloc((size_t)n * sizeof(int32_t));
+    memcpy(seq, prompt, (size_t)n_prompt * sizeof(int32_t));
+    int rc = LOOM_OK;
+    for (int len = n_prompt; len < n && !rc; len++) {
+        int T = len < T_max ? len : T_max;
+        train_loss lo;
+        if ((rc = train_forward(m, seq + len - T, NULL, 1, T, &lo, e)))
+            break;
+        const float *row = train_logits(m) + (size_t)(T - 1) * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best])
+                best = v;
+        seq[len] = best;
+        out[len - n_prompt] = best;
+    }
+    free(seq);
+    return rc;
+}

@@ -1,7 +1,7 @@
 /*
  * Trainable decoder-only transformer (Llama / Mixtral): parameters laid out like the Hugging Face
  * checkpoint, a forward pass that keeps every activation, and its backward in C over the tensor
- * kernels (tensor_matmul forward, cblas_sgemm for the gradient GEMMs).
+ * kernels (tensor_matmul forward, pooled cblas_sgemm slabs for the gradient GEMMs).
  *
  * Dimension letters: B sequences, T positions, N = B*T tokens, d hidden, H heads, Hkv kv heads,
  * hd head dim, V vocab, I FFN size (per expert), E experts, k slots per token, L layers,
@@ -30,31 +30,74 @@
 
 /* ------------------------------------------------------------------ GEMM helpers */
 
-/* dx (n, in) += dy (n, out) @ w (out, in) */
-void train_mm_dx(float *dx, const float *dy, const float *w, int n, int in, int out)
+/*
+ * The gradient GEMMs run on the tensor pool like tensor_matmul: OpenBLAS is single-threaded
+ * (tensor_set_threads), so a large product is split into one slab of output rows per thread,
+ * each thread a single-threaded SGEMM. Small products run on the caller.
+ */
+enum { MM_DX, MM_DW, MM_Y };
+typedef struct mm_args {
+    int kind, n, in, out;
+    float *c;
+    const float *a, *b;
+} mm_args;
+
+static void mm_rows(const mm_args *g, int r0, int r1)
+{
+    int n = g->n, in = g->in, out = g->out, rows = r1 - r0;
+    if (rows <= 0)
+        return;
+    switch (g->kind) {
+    case MM_DX: /* dx rows r0.. += dy rows r0.. @ w */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in, out, 1.0f,
+                    g->a + (size_t)r0 * out, out, g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
+        break;
+    case MM_DW: /* dw rows r0.. += (dy columns r0..)^T @ x */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, in, n, 1.0f, g->a + r0, out,
+                    g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
+        break;
+    default: /* y rows r0.. = x rows r0.. @ w^T */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f,
+                    g->a + (size_t)r0 * in, in, g->b, in, 0.0f, g->c + (size_t)r0 * out, out);
+        break;
+    }
+}
+
+static void mm_job(void *arg, int tid, int nth)
+{
+    const mm_args *g = arg;
+    int M = g->kind == MM_DW ? g->out : g->n;
+    mm_rows(g, (int)((int64_t)M * tid / nth), (int)((int64_t)M * (tid + 1) / nth));
+}
+
+static void mm_run(int kind, float *c, const float *a, const float *b, int n, int in, int out)
 {
     if (n <= 0)
         return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in, 1.0f,
-                dx, in);
+    mm_args g = {.kind = kind, .n = n, .in = in, .out = out, .c = c, .a = a, .b = b};
+    int M = kind == MM_DW ? out : n;
+    if (tensor_get_threads() > 1 && M >= 32 && (double)n * in * out >= 1 << 18)
+        tensor_parallel(mm_job, &g);
+    else
+        mm_rows(&g, 0, M);
+}
+
+/* dx (n, in) += dy (n, out) @ w (out, in) */
+void train_mm_dx(float *dx, const float *dy, const float *w, int n, int in, int out)
+{
+    mm_run(MM_DX, dx, dy, w, n, in, out);
 }
 
 /* dw (out, in) += dy^T (out, n) @ x (n, in) */
 void train_mm_dw(float *dw, const float *dy, const float *x, int n, int in, int out)
 {
-    if (n <= 0)
-        return;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 1.0f,
-                dw, in);
+    mm_run(MM_DW, dw, dy, x, n, in, out);
 }
 
 /* y (n, out) = x (n, in) @ w^T */
 void train_mm(float *y, const float *x, const float *w, int n, int in, int out)
 {
-    if (n <= 0)
-        return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in, 0.0f, y,
-                out);
+    mm_run(MM_Y, y, x, w, n, in, out);
 }
 
 /* ------------------------------------------------------------------ layer kernels */
@@ -136,44 +179,38 @@ typedef struct attn_args {
     float scale;
 } attn_args;
 
+/* Per (sequence, head), two single-threaded SGEMMs: S = scale q_h k_h^T over the full T x T (the
+ * masked upper triangle is computed and thrown away: twice the causal FLOPs, but at GEMM speed,
+ * 8x the scalar loops' on the shakespeare-moe shape), row softmax over j <= i, out_h = P v_h. */
 static void attn_forward_job(void *arg, int tid, int nth)
 {
     attn_args *a = arg;
     int T = a->T, H = a->H, Hkv = a->Hkv, hd = a->hd, group = H / Hkv;
-    size_t qrow = (size_t)H * hd, kvrow = (size_t)Hkv * hd;
+    int qrow = H * hd, kvrow = Hkv * hd;
     for (int bh = tid; bh < a->B * H; bh += nth) {
         int b = bh / H, h = bh % H, kh = h / group;
+        const float *qh = a->q + (size_t)b * T * qrow + (size_t)h * hd;
+        const float *kb = a->k + (size_t)b * T * kvrow + (size_t)kh * hd;
+        const float *vb = a->v + (size_t)b * T * kvrow + (size_t)kh * hd;
+        float *P = a->P + (size_t)bh * T * T;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, a->scale, qh, qrow, kb,
+                    kvrow, 0.0f, P, T);
         for (int i = 0; i < T; i++) {
-            const float *qi = a->q + (size_t)(b * T + i) * qrow + (size_t)h * hd;
-            float *Pi = a->P + ((size_t)bh * T + i) * T;
-            float m = -INFINITY;
-            for (int j = 0; j <= i; j++) {
-                const float *kj = a->k + (size_t)(b * T + j) * kvrow + (size_t)kh * hd;
-                float s = 0.0f;
-                for (int c = 0; c < hd; c++)
-                    s += qi[c] * kj[c];
-                Pi[j] = s * a->scale;
+            float *Pi = P + (size_t)i * T, m = -INFINITY, z = 0.0f;
+            for (int j = 0; j <= i; j++)
                 m = Pi[j] > m ? Pi[j] : m;
-            }
-            float z = 0.0f;
             for (int j = 0; j <= i; j++) {
                 Pi[j] = expf(Pi[j] - m);
                 z += Pi[j];
             }
+            float inv = 1.0f / z;
             for (int j = 0; j <= i; j++)
-                Pi[j] /= z;
+                Pi[j] *= inv;
             for (int j = i + 1; j < T; j++)
                 Pi[j] = 0.0f;
-            float *oi = a->out + (size_t)(b * T + i) * qrow + (size_t)h * hd;
-            for (int c = 0; c < hd; c++)
-                oi[c] = 0.0f;
-            for (int j = 0; j <= i; j++) {
-                const float *vj = a->v + (size_t)(b * T + j) * kvrow + (size_t)kh * hd;
-                float p = Pi[j];
-                for (int c = 0; c < hd; c++)
-                    oi[c] += p * vj[c];
-            }
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, P, T, vb, kvrow,
+                    0.0f, a->out + (size_t)b * T * qrow + (size_t)h * hd, qrow);
     }
 }
 
@@ -187,47 +224,42 @@ void train_attention_forward(float *out, float *P, const float *q, const float *
 
 /*
  * Backward, per sequence (heads of one kv group write the same dk, dv rows, so the parallel
- * split is over sequences):
- *   dP_ij = <dO_i, v_j>;  dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij')
- *   dq_i += scale sum_j dS_ij k_j;  dk_j += scale dS_ij q_i;  dv_j += P_ij dO_i
- * dq, dk, dv are accumulated (+=). scratch: (threads, T) floats.
+ * split is over sequences), per head, as SGEMMs over T x T:
+ *   dP = dO v^T;  dS_ij = scale P_ij (dP_ij - sum_j' P_ij' dP_ij') (0 above the diagonal)
+ *   dq += dS k;  dk += dS^T q;  dv += P^T dO
+ * dq, dk, dv are accumulated (+=). scratch: (threads, T*T) floats.
  */
 static void attn_backward_job(void *arg, int tid, int nth)
 {
     attn_args *a = arg;
     int T = a->T, H = a->H, Hkv = a->Hkv, hd = a->hd, group = H / Hkv;
-    size_t qrow = (size_t)H * hd, kvrow = (size_t)Hkv * hd;
-    float *dS = a->scratch + (size_t)tid * T;
+    int qrow = H * hd, kvrow = Hkv * hd;
+    float *dS = a->scratch + (size_t)tid * T * T;
     for (int b = tid; b < a->B; b += nth) {
         for (int h = 0; h < H; h++) {
             int kh = h / group;
+            size_t qo = (size_t)b * T * qrow + (size_t)h * hd;
+            size_t ko = (size_t)b * T * kvrow + (size_t)kh * hd;
+            const float *P = a->P + ((size_t)b * H + h) * T * T;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, a->d_out + qo,
+                        qrow, a->v + ko, kvrow, 0.0f, dS, T);
             for (int i = 0; i < T; i++) {
-                const float *Pi = a->P + (((size_t)b * H + h) * T + i) * T;
-                size_t qo = (size_t)(b * T + i) * qrow + (size_t)h * hd;
-                const float *dOi = a->d_out + qo, *qi = a->q + qo;
-                float *dqi = a->dq + qo;
+                const float *Pi = P + (size_t)i * T;
+                float *dSi = dS + (size_t)i * T;
                 double dot = 0.0;
-                for (int j = 0; j <= i; j++) {
-                    const float *vj = a->v + (size_t)(b * T + j) * kvrow + (size_t)kh * hd;
-                    float s = 0.0f;
-                    for (int c = 0; c < hd; c++)
-                        s += dOi[c] * vj[c];
-                    dS[j] = s;
-                    dot += (double)s * Pi[j];
-                }
-                for (int j = 0; j <= i; j++) {
-                    size_t ko = (size_t)(b * T + j) * kvrow + (size_t)kh * hd;
-                    const float *kj = a->k + ko;
-                    float *dkj = a->dk + ko, *dvj = a->dv + ko;
-                    float p = Pi[j];
-                    float ds = p * (dS[j] - (float)dot) * a->scale;
-                    for (int c = 0; c < hd; c++) {
-                        dqi[c] += ds * kj[c];
-                        dkj[c] += ds * qi[c];
-                        dvj[c] += p * dOi[c];
-                    }
-                }
+                for (int j = 0; j <= i; j++)
+                    dot += (double)dSi[j] * Pi[j];
+                for (int j = 0; j <= i; j++)
+                    dSi[j] = Pi[j] * (dSi[j] - (float)dot) * a->scale;
+                for (int j = i + 1; j < T; j++)
+                    dSi[j] = 0.0f;
             }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T,
+                        a->k + ko, kvrow, 1.0f, a->dq + qo, qrow);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T, a->q + qo,
+                        qrow, 1.0f, a->dk + ko, kvrow);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, P, T,
+                        a->d_out + qo, qrow, 1.0f, a->dv + ko, kvrow);
         }
     }
 }
@@ -638,7 +670,7 @@ int train_acts_init(train_model *m, loom_err *e)
         CARVE(m->dao, N * H * hd);
         CARVE(m->dfg, dense ? N * I : 0);
         CARVE(m->dfu, dense ? N * I : 0);
-        CARVE(m->att_scratch, (size_t)(nth > 0 ? nth : 1) * T + T);
+        CARVE(m->att_scratch, (size_t)(nth > 0 ? nth : 1) * T * T + T);
         if (!pass) {
             m->act_floats = off;
             m->act_mem = loom_alloc_aligned(off * sizeof(float));

@@ -6,6 +6,8 @@
  */
 #include "train_internal.h"
 
+#include "loom/tensor.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +65,39 @@ static bool decays(const train_param *p)
     return p->n_dims == 2; /* matrices and embeddings; not norms or biases */
 }
 
+/* The update is elementwise: each thread takes the same slice of every owned tensor, so the
+ * result does not depend on the thread count. */
+typedef struct adamw_args {
+    train_adamw *o;
+    train_model *m;
+    double clip, lr, c1, c2;
+} adamw_args;
+
+static void adamw_job(void *arg, int tid, int nth)
+{
+    const adamw_args *a = arg;
+    train_adamw *o = a->o;
+    train_model *m = a->m;
+    const float *g = m->grads;
+    float *x = m->params;
+    double b1 = o->cfg.beta1, b2 = o->cfg.beta2, c1 = a->c1, c2 = a->c2;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const train_param *p = &m->tensors[i];
+        if (!train_model_owns(m, i))
+            continue;
+        float wd = decays(p) ? (float)o->cfg.weight_decay : 0.0f;
+        size_t j0 = p->offset + p->n * (size_t)tid / (size_t)nth;
+        size_t j1 = p->offset + p->n * (size_t)(tid + 1) / (size_t)nth;
+        for (size_t j = j0; j < j1; j++) {
+            float gj = (float)(g[j] * a->clip);
+            o->m[j] = (float)b1 * o->m[j] + (float)(1.0 - b1) * gj;
+            o->v[j] = (float)b2 * o->v[j] + (float)(1.0 - b2) * gj * gj;
+            float mh = (float)(o->m[j] / c1), vh = (float)(o->v[j] / c2);
+            x[j] -= (float)a->lr * (mh / (sqrtf(vh) + (float)o->cfg.eps) + wd * x[j]);
+        }
+    }
+}
+
 double train_adamw_step(train_adamw *o, train_model *m, int step)
 {
     const float *g = m->grads;
@@ -84,21 +119,9 @@ double train_adamw_step(train_adamw *o, train_model *m, int step)
         clip = o->cfg.grad_clip / (norm + 1e-6);
     double lr = train_lr_at(&o->cfg, step);
     o->t++;
-    double b1 = o->cfg.beta1, b2 = o->cfg.beta2;
-    double c1 = 1.0 - pow(b1, (double)o->t), c2 = 1.0 - pow(b2, (double)o->t);
-    float *x = m->params;
-    for (int i = 0; i < m->n_tensors; i++) {
-        const train_param *p = &m->tensors[i];
-        if (!train_model_owns(m, i))
-            continue;
-        float wd = decays(p) ? (float)o->cfg.weight_decay : 0.0f;
-        for (size_t j = p->offset; j < p->offset + p->n; j++) {
-            float gj = (float)(g[j] * clip);
-            o->m[j] = (float)b1 * o->m[j] + (float)(1.0 - b1) * gj;
-            o->v[j] = (float)b2 * o->v[j] + (float)(1.0 - b2) * gj * gj;
-            float mh = (float)(o->m[j] / c1), vh = (float)(o->v[j] / c2);
-            x[j] -= (float)lr * (mh / (sqrtf(vh) + (float)o->cfg.eps) + wd * x[j]);
-        }
-    }
+    adamw_args a = {.o = o, .m = m, .clip = clip, .lr = lr,
+                    .c1 = 1.0 - pow(o->cfg.beta1, (double)o->t),
+                    .c2 = 1.0 - pow(o->cfg.beta2, (double)o->t)};
+    tensor_parallel(adamw_job, &a);
     return norm;
 }

@@ -61,7 +61,7 @@ struct train_model {
     float *dq, *dao;       /* (N, H*hd) */
     float *dk, *dv;        /* (N, Hkv*hd) */
     float *dfg, *dfu;      /* (N, I) */
-    float *att_scratch;    /* (threads, T) */
+    float *att_scratch;    /* (threads, T*T) */
     int64_t n_targets_global;
     train_loss last_loss;
 

@@ -6,14 +6,20 @@
  *
  * The kernels are f32, so instead of one coordinate at a time (whose central difference drowns
  * in f32 rounding) each check takes a directional derivative along a random direction u of a
- * whole tensor: (f(x + h u) - f(x - h u)) / 2h against <grad, u>, relative error <= 1e-2.
- * The scalar of a layer test is f = sum(c * y) for a fixed random c.
+ * whole tensor, by the five-point stencil (truncation O(h^4), so a step large enough for the
+ * f32 rounding of f to matter little), against <grad, u>: relative error <= 1e-3 for a layer
+ * (seen <= 4.2e-5), <= 5e-3 for a whole model (seen <= 1.3e-3). The scalar of a layer test is
+ * f = sum(c * y) for a fixed random c. test_backward_f64.c checks the layers, a dense and a
+ * Mixtral model coordinate by coordinate against double-precision references (<= 1e-4).
  */
 #include "testlib.h"
 
 #include "../src/train/train_internal.h"
 
 #include "loom/tensor.h"
+
+#define LAYER_TOL 1e-3 /* relative error of a layer's directional derivative */
+#define MODEL_TOL 5e-3 /* of a whole model's, per tensor */
 
 static loom_rng rng;
 
@@ -45,22 +51,27 @@ static double check_dir(const char *what, scalar_fn f, void *ctx, float *x, cons
     float *u = malloc(n * sizeof(float)), *x0 = malloc(n * sizeof(float));
     fill(u, n, 1.0f);
     memcpy(x0, x, n * sizeof(float));
-    double fp = 0, fm = 0;
-    for (int tries = 0; tries < 6; tries++, h /= 4) {
+    /* five-point stencil (8 (f(h) - f(-h)) - (f(2h) - f(-2h))) / 12h: truncation O(h^4), so h
+     * can be large enough for the f32 rounding of f to matter little; it shrinks while any of
+     * the four points routes differently from x */
+    double fv[4] = {0}, fd = 0;
+    static const double at[4] = {1, -1, 2, -2};
+    for (int tries = 0; tries < 8; tries++, h /= 4) {
         f(ctx);
         uint64_t sig0 = last_sig;
-        for (size_t i = 0; i < n; i++)
-            x[i] = x0[i] + (float)h * u[i];
-        fp = f(ctx);
-        uint64_t sigp = last_sig;
-        for (size_t i = 0; i < n; i++)
-            x[i] = x0[i] - (float)h * u[i];
-        fm = f(ctx);
+        bool same = true;
+        for (int j = 0; j < 4; j++) {
+            for (size_t i = 0; i < n; i++)
+                x[i] = x0[i] + (float)(at[j] * h) * u[i];
+            fv[j] = f(ctx);
+            same &= last_sig == sig0;
+        }
         memcpy(x, x0, n * sizeof(float));
-        if (sigp == sig0 && last_sig == sig0)
+        fd = (8 * (fv[0] - fv[1]) - (fv[2] - fv[3])) / (12 * h);
+        if (same)
             break;
     }
-    double fd = (fp - fm) / (2 * h), an = dot(g, u, n);
+    double an = dot(g, u, n);
     double rel = fabs(fd - an) / fmax(fabs(an), 1e-6);
     printf("  %-58s fd %+.6e  analytic %+.6e  rel %.2e\n", what, fd, an, rel);
     free(u);
@@ -92,8 +103,8 @@ static void test_rmsnorm(void **state)
     float dx[N_ * D_] = {0}, dw[D_] = {0};
     norm_f(&s);
     train_rmsnorm_backward(dx, dw, s.c, s.x, s.r, s.w, N_, D_);
-    assert_true(check_dir("rmsnorm dx", norm_f, &s, s.x, dx, N_ * D_, 1e-2) < 1e-2);
-    assert_true(check_dir("rmsnorm dw", norm_f, &s, s.w, dw, D_, 1e-2) < 1e-2);
+    assert_true(check_dir("rmsnorm dx", norm_f, &s, s.x, dx, N_ * D_, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("rmsnorm dw", norm_f, &s, s.w, dw, D_, 1e-2) < LAYER_TOL);
 }
 
 /* ------------------------------------------------------------------ RoPE */
@@ -130,7 +141,7 @@ static void test_rope(void **state)
     float dx[N_ * D_];
     memcpy(dx, s.c, sizeof(dx));
     train_rope(dx, s.pos, N_, 2, 8, s.inv, -1);
-    assert_true(check_dir("rope dx", rope_f, &s, s.x, dx, N_ * D_, 1e-2) < 1e-2);
+    assert_true(check_dir("rope dx", rope_f, &s, s.x, dx, N_ * D_, 1e-2) < LAYER_TOL);
 }
 
 /* ------------------------------------------------------------------ attention */
@@ -163,9 +174,9 @@ static void test_attention(void **state)
     memset(dk, 0, sizeof(dk));
     memset(dv, 0, sizeof(dv));
     train_attention_backward(dq, dk, dv, s.c, s.P, s.q, s.k, s.v, AB, AT, AH, AKV, AHD, scratch);
-    assert_true(check_dir("attention dq", attn_f, &s, s.q, dq, sizeof(s.q) / 4, 1e-2) < 1e-2);
-    assert_true(check_dir("attention dk", attn_f, &s, s.k, dk, sizeof(s.k) / 4, 1e-2) < 1e-2);
-    assert_true(check_dir("attention dv", attn_f, &s, s.v, dv, sizeof(s.v) / 4, 1e-2) < 1e-2);
+    assert_true(check_dir("attention dq", attn_f, &s, s.q, dq, sizeof(s.q) / 4, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("attention dk", attn_f, &s, s.k, dk, sizeof(s.k) / 4, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("attention dv", attn_f, &s, s.v, dv, sizeof(s.v) / 4, 1e-2) < LAYER_TOL);
 }
 
 /* ------------------------------------------------------------------ SwiGLU FFN */
@@ -197,10 +208,10 @@ static void test_swiglu(void **state)
     ffn_f(&s);
     train_ffn_backward(dx, d1, d3, d2, s.c, s.x, s.g, s.u, s.a, s.w1, s.w3, s.w2, N_, D_, FI, sg,
                        su);
-    assert_true(check_dir("swiglu dx", ffn_f, &s, s.x, dx, N_ * D_, 1e-2) < 1e-2);
-    assert_true(check_dir("swiglu dw1", ffn_f, &s, s.w1, d1, FI * D_, 1e-2) < 1e-2);
-    assert_true(check_dir("swiglu dw3", ffn_f, &s, s.w3, d3, FI * D_, 1e-2) < 1e-2);
-    assert_true(check_dir("swiglu dw2", ffn_f, &s, s.w2, d2, FI * D_, 1e-2) < 1e-2);
+    assert_true(check_dir("swiglu dx", ffn_f, &s, s.x, dx, N_ * D_, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("swiglu dw1", ffn_f, &s, s.w1, d1, FI * D_, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("swiglu dw3", ffn_f, &s, s.w3, d3, FI * D_, 1e-2) < LAYER_TOL);
+    assert_true(check_dir("swiglu dw2", ffn_f, &s, s.w2, d2, FI * D_, 1e-2) < LAYER_TOL);
 }
 
 /* ------------------------------------------------------------------ whole model, each router */
@@ -282,9 +293,9 @@ static void check_model(const char *router, int n_experts, double cf)
         if (p->expert > 1 || p->layer == 0)
             continue;
         double rel = check_dir(p->name, model_f, &s, train_model_params(s.m) + p->offset,
-                               train_model_grads(s.m) + p->offset, p->n, 1e-3);
+                               train_model_grads(s.m) + p->offset, p->n, 1e-2);
         worst = fmax(worst, rel);
-        if (rel > 1e-2)
+        if (rel > MODEL_TOL)
             fail_msg("router %s: %s rel %.3e", router, p->name, rel);
     }
     printf("  worst rel %.2e\n", worst);
