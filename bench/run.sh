@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their tables into docs/benchmarks.md, each under the exact
-# command that reproduces it. Usage: bench/run.sh [engine|moe|plan|train|client]  (default: all)
+# command that reproduces it. Usage: bench/run.sh [engine|moe|plan|train|gateway|client]  (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -30,6 +30,8 @@ run_bench plan "bench/plan — planning a 10,000-machine cluster of 8 device typ
     "$BUILD/bench/plan" --machines 10000 --reps 5
 run_bench train "bench/train — training throughput of the shakespeare-moe shape, 1 vs 2 ranks" \
     "$BUILD/bench/train" --ranks 1,2
+run_bench gateway "bench/gateway — latency the gateway adds and its max requests/s, beside nginx and HAProxy" \
+    "$BUILD/bench/gateway"
 run_bench client "bench/client_ceiling — loom bench's own ceiling against a trivial streaming upstream" \
     "$BUILD/bench/client_ceiling" --seconds 3
 

@@ -1,0 +1,399 @@
+/*
+ * `loom gateway`: flags -> gateway_config (policy, upstreams, limits), then serve until
+ * SIGINT/SIGTERM. Argument parsing and wiring only: the work is in src/gateway and src/policy.
+ */
+#include "cli.h"
+
+#include "loom/gateway.h"
+#include "loom/policy.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct gateway_opts {
+    gateway_config cfg;
+    gateway_upstream_spec *ups;
+    int n_ups;
+    const char *plan;
+} gateway_opts;
+
+enum {
+    OPT_POLICY = 256,
+    OPT_HOST,
+    OPT_PORT,
+    OPT_UPSTREAM,
+    OPT_PLAN,
+    OPT_PREFIX_AFFINITY,
+    OPT_KV_HEADROOM,
+    OPT_NO_WAIT_SOONEST,
+    OPT_API_KEY,
+    OPT_UPSTREAM_API_KEY,
+    OPT_MAX_BODY,
+    OPT_QUEUE_SIZE,
+    OPT_QUEUE_TIMEOUT,
+    OPT_RETRIES,
+    OPT_UPSTREAM_TIMEOUT,
+    OPT_HEALTH_INTERVAL,
+    OPT_HEALTH_TIMEOUT,
+    OPT_HEALTHY_THRESHOLD,
+    OPT_UNHEALTHY_THRESHOLD,
+    OPT_MAX_FAILS,
+    OPT_SCRAPE_INTERVAL,
+    OPT_KV_BLOCK_SIZE,
+    OPT_DEFAULT_OUTPUT,
+    OPT_RATE_ALPHA,
+    OPT_PREFILL_RATE,
+    OPT_DECODE_RATE,
+    OPT_MAX_CLIENT_BUFFER,
+    OPT_SEED,
+};
+
+static const struct option long_opts[] = {
+    {"policy", required_argument, NULL, OPT_POLICY},
+    {"host", required_argument, NULL, OPT_HOST},
+    {"port", required_argument, NULL, OPT_PORT},
+    {"upstream", required_argument, NULL, OPT_UPSTREAM},
+    {"plan", required_argument, NULL, OPT_PLAN},
+    {"prefix-affinity", no_argument, NULL, OPT_PREFIX_AFFINITY},
+    {"kv-headroom", required_argument, NULL, OPT_KV_HEADROOM},
+    {"no-wait-for-soonest", no_argument, NULL, OPT_NO_WAIT_SOONEST},
+    {"api-key", required_argument, NULL, OPT_API_KEY},
+    {"upstream-api-key", required_argument, NULL, OPT_UPSTREAM_API_KEY},
+    {"max-body-bytes", required_argument, NULL, OPT_MAX_BODY},
+    {"queue-size", required_argument, NULL, OPT_QUEUE_SIZE},
+    {"queue-timeout", required_argument, NULL, OPT_QUEUE_TIMEOUT},
+    {"retries", required_argument, NULL, OPT_RETRIES},
+    {"upstream-timeout", required_argument, NULL, OPT_UPSTREAM_TIMEOUT},
+    {"health-interval", required_argument, NULL, OPT_HEALTH_INTERVAL},
+    {"health-timeout", required_argument, NULL, OPT_HEALTH_TIMEOUT},
+    {"healthy-threshold", required_argument, NULL, OPT_HEALTHY_THRESHOLD},
+    {"unhealthy-threshold", required_argument, NULL, OPT_UNHEALTHY_THRESHOLD},
+    {"max-fails", required_argument, NULL, OPT_MAX_FAILS},
+    {"scrape-interval", required_argument, NULL, OPT_SCRAPE_INTERVAL},
+    {"kv-block-size", required_argument, NULL, OPT_KV_BLOCK_SIZE},
+    {"default-output-tokens", required_argument, NULL, OPT_DEFAULT_OUTPUT},
+    {"rate-ema-alpha", required_argument, NULL, OPT_RATE_ALPHA},
+    {"prefill-rate", required_argument, NULL, OPT_PREFILL_RATE},
+    {"decode-rate", required_argument, NULL, OPT_DECODE_RATE},
+    {"max-client-buffer", required_argument, NULL, OPT_MAX_CLIENT_BUFFER},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+/* clang-format off */
+static const char gateway_help_head[] =
+"usage: loom gateway --upstream URL[=WEIGHT] [--upstream ...] [options]\n"
+"\n"
+"One OpenAI-compatible endpoint in front of many instances (loom serve, vLLM, SGLang,\n"
+"llama.cpp server). A dispatch policy picks the instance for each request; when none has room\n"
+"the request waits in a bounded queue. POST /v1/completions and /v1/chat/completions are\n"
+"proxied (SSE streams pass through chunk by chunk; the response header x-loom-instance names\n"
+"the instance); GET /v1/models lists the union of the instances' models; GET /health is 200\n"
+"while an instance is healthy; GET /metrics (Prometheus) has per-upstream requests, errors,\n"
+"in-flight, dispatch share, token counts, believed rates and KV use, queue depth, TTFT and\n"
+"end-to-end histograms. Admin: GET /admin/upstreams, POST /admin/drain?upstream=URL,\n"
+"POST /admin/undrain?upstream=URL.\n"
+"\n"
+"upstreams and policy:\n"
+"  --upstream URL[=WEIGHT]      an instance, http://HOST:PORT[/prefix]; repeatable. WEIGHT\n"
+"                               (default 1) is its static capacity: weighted_round_robin's\n"
+"                               share, and capacity_aware's rate prior when no rates are known\n"
+"  --plan FILE                  take the instances (and their predicted rates and KV sizes)\n"
+"                               from a plan.yaml of `loom plan` (not in this build yet: use\n"
+"                               --upstream)\n"
+"  --policy NAME                the dispatch policy (capacity_aware), one of:\n";
+
+static const char gateway_help_tail[] =
+"  --prefix-affinity            capacity_aware: credit instances with the prompt prefixes\n"
+"                               they likely cache, against their load\n"
+"  --kv-headroom THETA          capacity_aware: admit while KV use + need <= THETA x capacity\n"
+"                               (0.95)\n"
+"  --no-wait-for-soonest        capacity_aware: send to the soonest-finishing instance with\n"
+"                               room, rather than wait for a sooner one that is full\n"
+"  --prefill-rate TOKENS/S      capacity_aware prior per unit of weight (4000)\n"
+"  --decode-rate TOKENS/S       capacity_aware prior per unit of weight (400); both are\n"
+"                               refined online from what each instance does while busy\n"
+"  --rate-ema-alpha A           weight of one rate observation (0.2)\n"
+"  --kv-block-size N            tokens per KV block when /metrics gives blocks only (16)\n"
+"  --default-output-tokens N    expected output of a request without max_tokens before any\n"
+"                               has been seen (256)\n"
+"  --seed N                     random and power_of_two draws (65553)\n"
+"\n"
+"robustness:\n"
+"  --queue-size N               requests waiting in the gateway at most (1024); beyond, 503\n"
+"  --queue-timeout SECONDS      longest wait in the queue before 503 + Retry-After (30)\n"
+"  --retries N                  other instances tried while no byte has reached the client\n"
+"                               (2)\n"
+"  --upstream-timeout SECONDS   silence on an upstream connection before it fails (600)\n"
+"  --health-interval SECONDS    GET /health of every instance this often (1; 0 = off, then\n"
+"                               an ejected instance returns after 5 s)\n"
+"  --health-timeout SECONDS     (2)\n"
+"  --healthy-threshold N        passed checks in a row that re-admit an instance (2)\n"
+"  --unhealthy-threshold N      failed checks in a row that eject it (2)\n"
+"  --max-fails N                failed requests in a row that eject it (3; a refused\n"
+"                               connection ejects at once)\n"
+"  --scrape-interval SECONDS    GET /metrics of every instance this often (1; 0 = off):\n"
+"                               running/waiting requests and KV use correct the estimates\n"
+"  --max-client-buffer BYTES    a streaming client this far behind is dropped (16MiB; up\n"
+"                               to 4MiB it also caps the kernel's socket buffer)\n"
+"\n"
+"HTTP:\n"
+"  --host ADDR                  address to listen on (127.0.0.1)\n"
+"  --port N                     port (8080; 0 picks a free one, printed at start)\n"
+"  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/* and /admin/*\n"
+"  --upstream-api-key KEY       send this key to the instances (default: pass the client's\n"
+"                               Authorization header on when the gateway has no key)\n"
+"  --max-body-bytes BYTES       request bodies over this get 413 (8MiB)\n"
+"  -h, --help                   this text\n"
+"\n"
+"Exit status: 0 after SIGINT/SIGTERM, 1 if the gateway cannot start (for example the port is\n"
+"in use), 2 for bad flags.\n"
+"\n"
+"example:\n"
+"  loom serve --model random:llama-tiny --port 8001 &\n"
+"  loom serve --model random:llama-tiny --port 8002 --threads 1 &\n"
+"  loom gateway --policy capacity_aware --port 8000 \\\n"
+"       --upstream http://127.0.0.1:8001=4 --upstream http://127.0.0.1:8002=1\n"
+"  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+"       -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n";
+/* clang-format on */
+
+static void print_help(void)
+{
+    fputs(gateway_help_head, stdout);
+    for (int i = 0; i < policy_count(); i++)
+        printf("    %-21s %s\n", policy_at(i)->name, policy_at(i)->summary);
+    fputs(gateway_help_tail, stdout);
+}
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "loom gateway: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\nRun 'loom gateway --help' for the options.\n");
+    return CLI_EXIT_USAGE;
+}
+
+static bool parse_seconds(const char *s, double lo, double hi, double *out)
+{
+    if (!s || !*s)
+        return false;
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || !isfinite(v) || v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
+{
+    gateway_config *c = &o->cfg;
+    *help = false;
+    optind = 1;
+    opterr = 0;
+    int ch;
+    while ((ch = getopt_long(argc, argv, ":h", long_opts, NULL)) != -1) {
+        const char *a = optarg;
+        bool ok = true;
+        long long n = 0;
+        uint64_t bytes = 0;
+        double d = 0;
+        switch (ch) {
+        case OPT_POLICY:
+            c->policy = a;
+            if (!policy_find(a)) {
+                fprintf(stderr, "loom gateway: unknown policy '%s'; one of:", a);
+                for (int i = 0; i < policy_count(); i++)
+                    fprintf(stderr, " %s", policy_at(i)->name);
+                fprintf(stderr, "\n");
+                return CLI_EXIT_USAGE;
+            }
+            break;
+        case OPT_HOST:
+            c->host = a;
+            break;
+        case OPT_PORT:
+            ok = cli_parse_int(a, 0, 65535, &n);
+            c->port = (int)n;
+            break;
+        case OPT_UPSTREAM: {
+            if (o->n_ups >= GATEWAY_MAX_UPSTREAMS)
+                return usage_error("too many --upstream (at most %s)", "1024");
+            loom_err e = {0};
+            gateway_upstream_spec spec;
+            if (gateway_upstream_parse(a, &spec, &e) != 0)
+                return usage_error("%s", e.msg);
+            o->ups = realloc(o->ups, (size_t)(o->n_ups + 1) * sizeof(*o->ups));
+            if (!o->ups)
+                return usage_error("%s", "out of memory");
+            o->ups[o->n_ups++] = spec;
+            break;
+        }
+        case OPT_PLAN:
+            o->plan = a;
+            break;
+        case OPT_PREFIX_AFFINITY:
+            c->policy_cfg.prefix_affinity = true;
+            break;
+        case OPT_KV_HEADROOM:
+            ok = parse_seconds(a, 0.01, 1.0, &c->policy_cfg.kv_headroom);
+            break;
+        case OPT_NO_WAIT_SOONEST:
+            c->policy_cfg.wait_for_soonest = false;
+            break;
+        case OPT_API_KEY:
+            c->api_key = a;
+            break;
+        case OPT_UPSTREAM_API_KEY:
+            c->upstream_api_key = a;
+            break;
+        case OPT_MAX_BODY:
+            ok = cli_parse_bytes(a, &bytes) && bytes > 0;
+            c->max_body_bytes = (size_t)bytes;
+            break;
+        case OPT_QUEUE_SIZE:
+            ok = cli_parse_int(a, 0, 1 << 24, &n);
+            c->queue_size = (int)n;
+            break;
+        case OPT_QUEUE_TIMEOUT:
+            ok = parse_seconds(a, 0, 86400, &c->queue_timeout_s);
+            break;
+        case OPT_RETRIES:
+            ok = cli_parse_int(a, 0, 16, &n);
+            c->retries = (int)n;
+            break;
+        case OPT_UPSTREAM_TIMEOUT:
+            ok = parse_seconds(a, 0.001, 86400, &c->upstream_timeout_s);
+            break;
+        case OPT_HEALTH_INTERVAL:
+            ok = parse_seconds(a, 0, 86400, &c->health_interval_s);
+            break;
+        case OPT_HEALTH_TIMEOUT:
+            ok = parse_seconds(a, 0.001, 3600, &c->health_timeout_s);
+            break;
+        case OPT_HEALTHY_THRESHOLD:
+            ok = cli_parse_int(a, 1, 1000, &n);
+            c->healthy_threshold = (int)n;
+            break;
+        case OPT_UNHEALTHY_THRESHOLD:
+            ok = cli_parse_int(a, 1, 1000, &n);
+            c->unhealthy_threshold = (int)n;
+            break;
+        case OPT_MAX_FAILS:
+            ok = cli_parse_int(a, 1, 1000, &n);
+            c->max_fails = (int)n;
+            break;
+        case OPT_SCRAPE_INTERVAL:
+            ok = parse_seconds(a, 0, 86400, &c->scrape_interval_s);
+            break;
+        case OPT_KV_BLOCK_SIZE:
+            ok = cli_parse_int(a, 1, 1 << 20, &n);
+            c->kv_block_size = (int)n;
+            break;
+        case OPT_DEFAULT_OUTPUT:
+            ok = cli_parse_int(a, 1, 1 << 24, &n);
+            c->default_output_tokens = (double)n;
+            break;
+        case OPT_RATE_ALPHA:
+            ok = parse_seconds(a, 0, 1, &c->policy_cfg.rate_ema_alpha);
+            break;
+        case OPT_PREFILL_RATE:
+            ok = parse_seconds(a, 1e-3, 1e12, &d);
+            c->policy_cfg.default_prefill_rate = d;
+            break;
+        case OPT_DECODE_RATE:
+            ok = parse_seconds(a, 1e-3, 1e12, &d);
+            c->policy_cfg.default_decode_rate = d;
+            break;
+        case OPT_MAX_CLIENT_BUFFER:
+            ok = cli_parse_bytes(a, &bytes) && bytes >= 4096;
+            c->max_client_buffer = (size_t)bytes;
+            break;
+        case OPT_SEED:
+            ok = cli_parse_int(a, 0, INT64_MAX, &n);
+            c->policy_cfg.seed = (uint64_t)n;
+            break;
+        case 'h':
+            *help = true;
+            return 0;
+        case ':':
+            return usage_error("option '%s' needs a value", argv[optind - 1]);
+        default:
+            return usage_error("unknown option '%s'", argv[optind - 1]);
+        }
+        if (!ok) {
+            /* long_opts is in enum order: ch - OPT_POLICY indexes it */
+            fprintf(stderr, "loom gateway: invalid value '%s' for --%s\n", a,
+                    long_opts[ch - OPT_POLICY].name);
+            fprintf(stderr, "Run 'loom gateway --help' for the options.\n");
+            return CLI_EXIT_USAGE;
+        }
+    }
+    if (optind < argc)
+        return usage_error("unexpected argument '%s'", argv[optind]);
+    if (o->plan)
+        /* Hook for issue 3's plan format: read its instances into gateway_upstream_spec
+         * (url, weight = predicted capacity, prefill_rate, decode_rate, kv_tokens) and append
+         * them to o->ups here. Until the plan reader exists, say so plainly. */
+        return usage_error("--plan %s: reading plans is not in this build yet; give the "
+                           "instances with --upstream http://HOST:PORT[=WEIGHT]",
+                           o->plan);
+    if (o->n_ups == 0)
+        return usage_error("%s", "no upstreams: give --upstream http://HOST:PORT (repeatable)");
+    return 0;
+}
+
+int cli_gateway(int argc, char **argv)
+{
+    gateway_opts o;
+    memset(&o, 0, sizeof(o));
+    gateway_config_default(&o.cfg);
+    bool help;
+    int rc = parse_opts(argc, argv, &o, &help);
+    if (rc || help) {
+        free(o.ups);
+        if (help)
+            print_help();
+        return rc ? rc : CLI_EXIT_OK;
+    }
+    o.cfg.upstreams = o.ups;
+    o.cfg.n_upstreams = o.n_ups;
+    o.cfg.handle_signals = true;
+
+    loom_err e = {0};
+    gateway *g = NULL;
+    if ((rc = gateway_create(&o.cfg, &g, &e))) {
+        fprintf(stderr, "loom gateway: error: %s\n", e.msg);
+        free(o.ups);
+        return rc == LOOM_EIO ? CLI_EXIT_FAIL : CLI_EXIT_USAGE;
+    }
+    const char *host = o.cfg.host;
+    const char *shown = !strcmp(host, "0.0.0.0") ? "127.0.0.1" : !strcmp(host, "::") ? "::1" : host;
+    const char *lb = strchr(shown, ':') ? "[" : "", *rb = *lb ? "]" : "";
+    printf("loom gateway: policy %s%s, %d upstream%s:", o.cfg.policy,
+           o.cfg.policy_cfg.prefix_affinity ? " with prefix affinity" : "", o.n_ups,
+           o.n_ups == 1 ? "" : "s");
+    for (int i = 0; i < o.n_ups; i++)
+        printf(" %s(w=%g)", o.ups[i].url, o.ups[i].weight);
+    printf("\nloom gateway: listening on http://%s%s%s:%d (Ctrl-C to stop)\n", lb, shown, rb,
+           gateway_port(g));
+    fflush(stdout);
+
+    int exit_code = CLI_EXIT_OK;
+    if ((rc = gateway_run(g, &e))) {
+        fprintf(stderr, "loom gateway: error: %s\n", e.msg);
+        exit_code = CLI_EXIT_FAIL;
+    } else {
+        printf("loom gateway: stopped\n");
+    }
+    gateway_free(g);
+    free(o.ups);
+    return exit_code;
+}
