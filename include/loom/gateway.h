@@ -31,8 +31,8 @@
 #define GATEWAY_MAX_UPSTREAMS 1024
 
 /*
- * One instance behind the gateway. From --upstream URL[=weight] today; a plan (issue 3's
- * plan.yaml, `--plan`) will fill the rates and KV size it predicts for each instance.
+ * One instance behind the gateway. From --upstream URL[=weight], or from a plan (`loom plan`'s
+ * plan.yaml, `--plan`), which also fills the rates and KV size it predicts for the instance.
  */
 typedef struct gateway_upstream_spec {
     char url[256]; /* "http://host:port" with an optional path prefix, no trailing slash */
@@ -50,6 +50,40 @@ typedef struct gateway_upstream_spec {
  * "=W" with W a positive number is the weight. Returns 0, or LOOM_EINVAL with a message.
  */
 int gateway_upstream_parse(const char *arg, gateway_upstream_spec *out, loom_err *e);
+
+/* ---------------------------------------------------------------- plans (`--plan`, `loom up`) */
+
+struct plan_file; /* loom/plan.h */
+
+/* Where instances of a plan listen when nothing else says: a plan has hosts, not ports, so the
+ * k-th instance (from 0, in plan order) on a host listens on GATEWAY_PLAN_BASE_PORT + k. */
+#define GATEWAY_PLAN_BASE_PORT 8001
+
+/*
+ * One upstream per instance of p, in plan order, into out (p->n_instances of them). Address:
+ * the instance's host (127.0.0.1 when it has none) and ports[i], or, when ports is NULL,
+ * base_port + its rank among the plan's instances on that host. Rates: the plan's predicted
+ * prefill and decode tokens/s (capacity_aware's starting rates); KV size: kv_blocks x
+ * block_size tokens; weight (weighted_round_robin): predicted output tokens/s relative to the
+ * slowest instance's. Pure. Returns 0, or LOOM_EINVAL (an empty plan, a port out of range).
+ */
+int gateway_upstreams_from_plan(const struct plan_file *p, const int *ports, int base_port,
+                                gateway_upstream_spec *out, loom_err *e);
+
+/* Whether host names this machine: empty, "localhost", loopback, this host's name, or an
+ * address of one of its interfaces (getifaddrs). */
+bool gateway_host_is_local(const char *host);
+
+/* A TCP port free on host right now (bind to port 0, read it back, close); < 0 with a message
+ * in e when none. Another process may take it before the caller binds it: callers retry. */
+int gateway_free_port(const char *host, loom_err *e);
+
+/*
+ * GET /health on host:port, blocking, at most timeout_s seconds in all: the HTTP status, or
+ * -1 when the connection fails or no status line comes in time. For `loom up` waiting for the
+ * instances it started (the gateway's own checks are asynchronous, in its event loop).
+ */
+int gateway_probe_health(const char *host, int port, double timeout_s);
 
 /* ---------------------------------------------------------------- request inspection (pure) */
 

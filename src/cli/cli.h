@@ -25,6 +25,7 @@ int cli_bench(int argc, char **argv);
 int cli_train(int argc, char **argv);
 int cli_profile(int argc, char **argv);
 int cli_gateway(int argc, char **argv);
+int cli_up(int argc, char **argv);
 
 /* Integer in [lo, hi], whole string. */
 bool cli_parse_int(const char *s, long long lo, long long hi, long long *out);

@@ -5,6 +5,7 @@
 #include "cli.h"
 
 #include "loom/gateway.h"
+#include "loom/plan.h"
 #include "loom/policy.h"
 
 #include <errno.h>
@@ -19,6 +20,7 @@ typedef struct gateway_opts {
     gateway_upstream_spec *ups;
     int n_ups;
     const char *plan;
+    int plan_base_port;
 } gateway_opts;
 
 enum {
@@ -50,6 +52,7 @@ enum {
     OPT_DECODE_RATE,
     OPT_MAX_CLIENT_BUFFER,
     OPT_SEED,
+    OPT_PLAN_BASE_PORT,
 };
 
 static const struct option long_opts[] = {
@@ -81,6 +84,7 @@ static const struct option long_opts[] = {
     {"decode-rate", required_argument, NULL, OPT_DECODE_RATE},
     {"max-client-buffer", required_argument, NULL, OPT_MAX_CLIENT_BUFFER},
     {"seed", required_argument, NULL, OPT_SEED},
+    {"plan-base-port", required_argument, NULL, OPT_PLAN_BASE_PORT},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -88,6 +92,7 @@ static const struct option long_opts[] = {
 /* clang-format off */
 static const char gateway_help_head[] =
 "usage: loom gateway --upstream URL[=WEIGHT] [--upstream ...] [options]\n"
+"       loom gateway --plan plan.yaml [--upstream URL ...] [options]\n"
 "\n"
 "One OpenAI-compatible endpoint in front of many instances (loom serve, vLLM, SGLang,\n"
 "llama.cpp server). A dispatch policy picks the instance for each request; when none has room\n"
@@ -103,9 +108,15 @@ static const char gateway_help_head[] =
 "  --upstream URL[=WEIGHT]      an instance, http://HOST:PORT[/prefix]; repeatable. WEIGHT\n"
 "                               (default 1) is its static capacity: weighted_round_robin's\n"
 "                               share, and capacity_aware's rate prior when no rates are known\n"
-"  --plan FILE                  take the instances (and their predicted rates and KV sizes)\n"
-"                               from a plan.yaml of `loom plan` (not in this build yet: use\n"
-"                               --upstream)\n"
+"  --plan FILE                  the instances of a plan.yaml of `loom plan`, with their\n"
+"                               predicted prefill/decode tokens/s (capacity_aware's starting\n"
+"                               rates), KV sizes (kv_blocks x block_size) and, as weights,\n"
+"                               predicted output tokens/s relative to the slowest. A plan has\n"
+"                               hosts, not ports: the k-th instance on a host (from 0) is\n"
+"                               expected at --plan-base-port + k, as `loom up` prints for\n"
+"                               remote hosts. With --upstream too, one per instance in plan\n"
+"                               order, the URLs give the addresses (a =WEIGHT overrides)\n"
+"  --plan-base-port N           (8001)\n"
 "  --policy NAME                the dispatch policy (capacity_aware), one of:\n";
 
 static const char gateway_help_tail[] =
@@ -192,6 +203,70 @@ static bool parse_seconds(const char *s, double lo, double hi, double *out)
     return true;
 }
 
+/*
+ * --plan: one upstream per plan instance. Given --upstream URLs as well (as many as instances),
+ * they are the addresses, in plan order, and an explicit =WEIGHT stays; the plan's rates, KV
+ * sizes and (otherwise) weights apply to them.
+ */
+static int apply_plan(gateway_opts *o)
+{
+    loom_err e = {0};
+    plan_file pf;
+    memset(&pf, 0, sizeof(pf));
+    if (plan_file_load(o->plan, &pf, &e)) {
+        fprintf(stderr, "loom gateway: --plan %s: %s\nHINT: write one with `loom plan`; check it "
+                        "with `loom plan --check %s`\n",
+                o->plan, e.msg, o->plan);
+        return CLI_EXIT_USAGE;
+    }
+    int rc = 0;
+    gateway_upstream_spec *ups = calloc((size_t)(pf.n_instances > 0 ? pf.n_instances : 1),
+                                        sizeof(*ups));
+    if (!ups) {
+        rc = usage_error("%s", "out of memory");
+        goto out;
+    }
+    if (o->n_ups && o->n_ups != pf.n_instances) {
+        fprintf(stderr,
+                "loom gateway: --plan %s has %d instances but %d --upstream were given: give "
+                "none (addresses from the plan) or one per instance, in plan order\n",
+                o->plan, pf.n_instances, o->n_ups);
+        rc = CLI_EXIT_USAGE;
+        goto out;
+    }
+    int *ports = NULL;
+    if (o->n_ups) {
+        ports = calloc((size_t)o->n_ups, sizeof(*ports));
+        for (int i = 0; ports && i < o->n_ups; i++)
+            ports[i] = o->ups[i].port;
+    }
+    int base = o->plan_base_port ? o->plan_base_port : GATEWAY_PLAN_BASE_PORT;
+    int prc = gateway_upstreams_from_plan(&pf, ports, base, ups, &e);
+    free(ports);
+    if (prc) {
+        fprintf(stderr, "loom gateway: --plan %s: %s\n", o->plan, e.msg);
+        rc = CLI_EXIT_USAGE;
+        goto out;
+    }
+    for (int i = 0; i < o->n_ups; i++) {
+        gateway_upstream_spec given = o->ups[i];
+        double plan_weight = ups[i].weight;
+        ups[i] = given;
+        ups[i].weight = given.weight > 0 ? given.weight : plan_weight;
+        ups[i].prefill_rate = pf.instances[i].prefill_tokens_per_s;
+        ups[i].decode_rate = pf.instances[i].decode_tokens_per_s;
+        ups[i].kv_tokens = (double)pf.instances[i].kv_blocks * pf.instances[i].block_size;
+    }
+    free(o->ups);
+    o->ups = ups;
+    o->n_ups = pf.n_instances;
+    ups = NULL;
+out:
+    free(ups);
+    plan_file_free(&pf);
+    return rc;
+}
+
 static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
 {
     gateway_config *c = &o->cfg;
@@ -230,6 +305,8 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
             gateway_upstream_spec spec;
             if (gateway_upstream_parse(a, &spec, &e) != 0)
                 return usage_error("%s", e.msg);
+            if (!strchr(a, '='))
+                spec.weight = 0; /* not given: 1, or the plan's */
             o->ups = realloc(o->ups, (size_t)(o->n_ups + 1) * sizeof(*o->ups));
             if (!o->ups)
                 return usage_error("%s", "out of memory");
@@ -320,6 +397,10 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
             ok = cli_parse_int(a, 0, INT64_MAX, &n);
             c->policy_cfg.seed = (uint64_t)n;
             break;
+        case OPT_PLAN_BASE_PORT:
+            ok = cli_parse_int(a, 1, 65535, &n);
+            o->plan_base_port = (int)n;
+            break;
         case 'h':
             *help = true;
             return 0;
@@ -338,15 +419,17 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
     }
     if (optind < argc)
         return usage_error("unexpected argument '%s'", argv[optind]);
-    if (o->plan)
-        /* Hook for issue 3's plan format: read its instances into gateway_upstream_spec
-         * (url, weight = predicted capacity, prefill_rate, decode_rate, kv_tokens) and append
-         * them to o->ups here. Until the plan reader exists, say so plainly. */
-        return usage_error("--plan %s: reading plans is not in this build yet; give the "
-                           "instances with --upstream http://HOST:PORT[=WEIGHT]",
-                           o->plan);
+    if (o->plan) {
+        int rc = apply_plan(o);
+        if (rc)
+            return rc;
+    }
     if (o->n_ups == 0)
-        return usage_error("%s", "no upstreams: give --upstream http://HOST:PORT (repeatable)");
+        return usage_error("%s", "no upstreams: give --upstream http://HOST:PORT (repeatable) "
+                                 "or --plan plan.yaml");
+    for (int i = 0; i < o->n_ups; i++)
+        if (o->ups[i].weight <= 0)
+            o->ups[i].weight = 1;
     return 0;
 }
 
@@ -382,6 +465,8 @@ int cli_gateway(int argc, char **argv)
            o.n_ups == 1 ? "" : "s");
     for (int i = 0; i < o.n_ups; i++)
         printf(" %s(w=%g)", o.ups[i].url, o.ups[i].weight);
+    if (o.plan)
+        printf("\nloom gateway: rates and KV sizes from %s", o.plan);
     printf("\nloom gateway: listening on http://%s%s%s:%d (Ctrl-C to stop)\n", lb, shown, rb,
            gateway_port(g));
     fflush(stdout);

@@ -19,6 +19,8 @@ static const cli_command commands[] = {
     {"plan", "deployment planning: cluster + model + workload -> plan.yaml (instances, TP, KV "
              "blocks, predicted capacity)",
      cli_plan},
+    {"up", "start a plan's instances and a gateway in front of them: one OpenAI endpoint",
+     cli_up},
     {"gateway", "OpenAI-compatible front door: a dispatch policy picks the instance per request",
      cli_gateway},
     {"bench", "replay a trace or synthetic load against OpenAI endpoints: TTFT, TPOT, "

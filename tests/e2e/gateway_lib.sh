@@ -2,13 +2,12 @@
 # loopback port, and wait for HTTP endpoints.
 #   start_gateway NAME [loom gateway flags...]   -> sets NAME_URL, NAME_PID; log in $WORK/NAME.log
 #   wait_status URL STATUS [SECONDS]             -> polls until GET URL answers STATUS
-# Skips (exit 77) when the loom binary has no gateway command yet. LOOM_GATEWAY_BIN, when set,
+# LOOM_GATEWAY_BIN, when set,
 # runs the gateway from another binary (a sanitizer build, say) than the instances.
 GATEWAY_BIN=${LOOM_GATEWAY_BIN:-$LOOM_BIN}
 
 require_gateway() {
-    "$GATEWAY_BIN" gateway --help >/dev/null 2>&1 ||
-        skip "this loom binary has no 'gateway' command (register cli_gateway in src/cli/main.c)"
+    "$GATEWAY_BIN" gateway --help >/dev/null 2>&1 || die "'$GATEWAY_BIN gateway --help' failed"
 }
 
 start_gateway() {

@@ -7,7 +7,6 @@
 set -u
 source "$(dirname "$0")/lib.sh"
 
-"$LOOM_BIN" bench --help >/dev/null 2>&1 || skip "this loom has no 'bench' command"
 FAKE=${FAKE_UPSTREAM:-$(dirname "$LOOM_BIN")/bench/fake_upstream}
 [ -x "$FAKE" ] || skip "no $FAKE (build it with 'make benches')"
 command -v python3 >/dev/null || skip "python3 is absent"

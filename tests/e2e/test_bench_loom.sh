@@ -10,7 +10,6 @@
 set -u
 source "$(dirname "$0")/lib.sh"
 
-"$LOOM_BIN" bench --help >/dev/null 2>&1 || skip "this loom has no 'bench' command"
 command -v python3 >/dev/null || skip "python3 is absent"
 command -v curl >/dev/null || skip "curl is absent"
 

@@ -7,7 +7,6 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
 ROOT=$(cd "$HERE/../.." && pwd)
 export LOOM_CATALOG=${LOOM_CATALOG:-$ROOT/data/devices.yaml}
-"$LOOM_BIN" profile --help >/dev/null 2>&1 || skip "this loom has no 'profile' subcommand yet"
 GRID=(--max-batch 4 --max-context 128 --max-prompt 128 --repeat 1 --no-progress)
 printf 'machines:\n  - {name: localhost, device: cpu, count: 2}\n' >"$WORK/cpu.yaml"
 mkdir -p "$WORK/profiles"
