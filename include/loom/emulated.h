@@ -22,14 +22,17 @@
  * exceeds what the device's memory holds (engine_backend_emulated_capacity). */
 int engine_backend_emulated_create(const model_config *mc, const char *device, int tp,
                                    const char *catalog_path, int num_blocks, int block_size,
+                                   int max_num_seqs, int max_num_batched_tokens,
                                    engine_backend *out, loom_err *e);
 
 /* The KV blocks of block_size tokens the modelled device memory holds for mc at tp, with
  * memory utilization mem_utilization (0.9 like vLLM's default) and the engine's default limits
- * (max_num_seqs 256, max_num_batched_tokens 2048): what `--num-kv-blocks` should default to. */
+ * (max_num_seqs, max_num_batched_tokens; 0 = 256 and 2048), which size the activation reserve:
+ * what `--num-kv-blocks` should default to. */
 int engine_backend_emulated_capacity(const model_config *mc, const char *device, int tp,
-                                     const char *catalog_path, int block_size,
-                                     double mem_utilization, int64_t *num_blocks, loom_err *e);
+                                     const char *catalog_path, int block_size, int max_num_seqs,
+                                     int max_num_batched_tokens, double mem_utilization,
+                                     int64_t *num_blocks, loom_err *e);
 
 /* Seconds the last forward was modelled to take, and the total slept (for metrics/tests). */
 typedef struct emulated_stats {

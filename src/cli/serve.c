@@ -391,7 +391,9 @@ int cli_serve(int argc, char **argv)
         /* the emulated device's memory decides, as the planner models it */
         int64_t cap = 0;
         if ((rc = engine_backend_emulated_capacity(mc, o.device, (int)o.tp, o.catalog,
-                                                   (int)o.block_size, 0.9, &cap, &e))) {
+                                                   (int)o.block_size, (int)o.max_num_seqs,
+                                                   (int)o.max_num_batched_tokens, 0.9, &cap,
+                                                   &e))) {
             exit_code = fail(CLI_EXIT_USAGE, e.msg);
             goto done;
         }
@@ -433,8 +435,9 @@ int cli_serve(int argc, char **argv)
 
     engine_backend backend;
     if (emulated) {
-        if ((rc = engine_backend_emulated_create(mc, o.device, (int)o.tp, o.catalog, (int)blocks,
-                                                 (int)o.block_size, &backend, &e))) {
+        if ((rc = engine_backend_emulated_create(
+                 mc, o.device, (int)o.tp, o.catalog, (int)blocks, (int)o.block_size,
+                 (int)o.max_num_seqs, (int)o.max_num_batched_tokens, &backend, &e))) {
             exit_code = fail(CLI_EXIT_USAGE, e.msg);
             goto done;
         }

@@ -177,8 +177,9 @@ static void emu_destroy(void *ctx)
 
 /* The catalog, the device and a setup with the memory verdict for (mc, device, tp). */
 static int emu_setup(emu_backend *eb, const model_config *mc, const char *device, int tp,
-                     const char *catalog_path, int block_size, double mem_utilization,
-                     perf_memory *mem, loom_err *e)
+                     const char *catalog_path, int block_size, int max_num_seqs,
+                     int max_num_batched_tokens, double mem_utilization, perf_memory *mem,
+                     loom_err *e)
 {
     int rc = perf_catalog_load(catalog_path, &eb->catalog, e);
     if (rc)
@@ -196,6 +197,11 @@ static int emu_setup(emu_backend *eb, const model_config *mc, const char *device
     perf_setup_init(&eb->setup, &eb->model, dev, tp);
     if (block_size > 0)
         eb->setup.limits.block_size = block_size;
+    /* the engine's limits size the activation reserve, hence what is left for KV */
+    if (max_num_seqs > 0)
+        eb->setup.limits.max_num_seqs = max_num_seqs;
+    if (max_num_batched_tokens > 0)
+        eb->setup.limits.max_num_batched_tokens = max_num_batched_tokens;
     if (mem_utilization > 0)
         eb->setup.limits.mem_utilization = mem_utilization;
     perf_lengths one = {1, 1, 1};
@@ -207,13 +213,15 @@ static int emu_setup(emu_backend *eb, const model_config *mc, const char *device
 }
 
 int engine_backend_emulated_capacity(const model_config *mc, const char *device, int tp,
-                                     const char *catalog_path, int block_size,
-                                     double mem_utilization, int64_t *num_blocks, loom_err *e)
+                                     const char *catalog_path, int block_size, int max_num_seqs,
+                                     int max_num_batched_tokens, double mem_utilization,
+                                     int64_t *num_blocks, loom_err *e)
 {
     emu_backend eb;
     memset(&eb, 0, sizeof(eb));
     perf_memory mem;
-    int rc = emu_setup(&eb, mc, device, tp, catalog_path, block_size, mem_utilization, &mem, e);
+    int rc = emu_setup(&eb, mc, device, tp, catalog_path, block_size, max_num_seqs,
+                       max_num_batched_tokens, mem_utilization, &mem, e);
     if (!rc)
         *num_blocks = mem.kv_blocks;
     perf_catalog_free(&eb.catalog);
@@ -222,13 +230,15 @@ int engine_backend_emulated_capacity(const model_config *mc, const char *device,
 
 int engine_backend_emulated_create(const model_config *mc, const char *device, int tp,
                                    const char *catalog_path, int num_blocks, int block_size,
+                                   int max_num_seqs, int max_num_batched_tokens,
                                    engine_backend *out, loom_err *e)
 {
     if (num_blocks < 1 || block_size < 1)
         return loom_errf(e, LOOM_EINVAL, "emulated: num_blocks and block_size must be >= 1");
     emu_backend *eb = xcalloc(1, sizeof(*eb));
     perf_memory mem;
-    int rc = emu_setup(eb, mc, device, tp, catalog_path, block_size, 0, &mem, e);
+    int rc = emu_setup(eb, mc, device, tp, catalog_path, block_size, max_num_seqs,
+                       max_num_batched_tokens, 0, &mem, e);
     if (!rc && num_blocks > mem.kv_blocks)
         rc = loom_errf(e, LOOM_EINVAL,
                        "emulated: %d x %s holds at most %lld KV blocks of %d tokens for this "

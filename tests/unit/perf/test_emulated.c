@@ -40,8 +40,8 @@ static void test_step_time_and_logits(void **state)
     model_config mc;
     assert_int_equal(model_config_preset("llama-1b", &mc, &e), LOOM_OK);
     engine_backend be;
-    assert_int_equal(engine_backend_emulated_create(&mc, "V100-32G", 1, NULL, 2000, 16, &be, &e),
-                     LOOM_OK);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "V100-32G", 1, NULL, 2000, 16, 0, 0, &be, &e), LOOM_OK);
     assert_string_equal(be.name, "emulated");
 
     /* decode of 8 sequences with 100..107 cached tokens */
@@ -141,26 +141,38 @@ static void test_refusals(void **state)
     model_config mc;
     assert_int_equal(model_config_preset("llama-1b", &mc, &e), LOOM_OK);
     engine_backend be;
-    assert_int_equal(engine_backend_emulated_create(&mc, "H900", 1, NULL, 10, 16, &be, &e),
+    assert_int_equal(engine_backend_emulated_create(&mc, "H900", 1, NULL, 10, 16, 0, 0, &be, &e),
                      LOOM_ENOTFOUND);
     assert_non_null(strstr(e.msg, "unknown device"));
-    assert_int_equal(engine_backend_emulated_create(&mc, "H100-80G", 3, NULL, 10, 16, &be, &e),
-                     LOOM_EINVAL);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "H100-80G", 3, NULL, 10, 16, 0, 0, &be, &e),
+        LOOM_EINVAL);
     assert_non_null(strstr(e.msg, "does not divide"));
     int64_t cap = 0;
-    assert_int_equal(engine_backend_emulated_capacity(&mc, "T4", 1, NULL, 16, 0.9, &cap, &e),
+    assert_int_equal(engine_backend_emulated_capacity(&mc, "T4", 1, NULL, 16, 0, 0, 0.9, &cap, &e),
                      LOOM_OK);
     assert_true(cap > 1000);
-    assert_int_equal(engine_backend_emulated_create(&mc, "T4", 1, NULL, (int)cap + 1, 16, &be, &e),
-                     LOOM_EINVAL);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "T4", 1, NULL, (int)cap + 1, 16, 0, 0, &be, &e),
+        LOOM_EINVAL);
     assert_non_null(strstr(e.msg, "holds at most"));
-    assert_int_equal(engine_backend_emulated_create(&mc, "T4", 1, NULL, (int)cap, 16, &be, &e),
-                     LOOM_OK);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "T4", 1, NULL, (int)cap, 16, 0, 0, &be, &e), LOOM_OK);
+    be.destroy(be.ctx);
+    /* fewer running sequences reserve less activation memory: more KV fits, and the backend
+     * accepts the larger count when told the engine's limits (as a plan made with them says) */
+    int64_t cap8 = 0;
+    assert_int_equal(
+        engine_backend_emulated_capacity(&mc, "T4", 1, NULL, 16, 8, 512, 0.9, &cap8, &e), LOOM_OK);
+    assert_true(cap8 > cap);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "T4", 1, NULL, (int)cap8, 16, 8, 512, &be, &e),
+        LOOM_OK);
     be.destroy(be.ctx);
     /* a model larger than the device */
     model_config big = mc;
     big.n_layers = 400; /* about 20 B parameters: 40 GB in bf16 on a 16 GB T4 */
-    assert_int_equal(engine_backend_emulated_create(&big, "T4", 1, NULL, 10, 16, &be, &e),
+    assert_int_equal(engine_backend_emulated_create(&big, "T4", 1, NULL, 10, 16, 0, 0, &be, &e),
                      LOOM_EINVAL);
     assert_non_null(strstr(e.msg, "usable"));
 }
@@ -173,8 +185,8 @@ static void test_engine_on_emulated(void **state)
     model_config mc;
     assert_int_equal(model_config_preset("llama-tiny", &mc, &e), LOOM_OK);
     engine_backend be;
-    assert_int_equal(engine_backend_emulated_create(&mc, "H100-80G", 2, NULL, 256, 16, &be, &e),
-                     LOOM_OK);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "H100-80G", 2, NULL, 256, 16, 0, 0, &be, &e), LOOM_OK);
     void *ctx = be.ctx;
     engine_config cfg;
     engine_config_default(&cfg);
@@ -246,8 +258,8 @@ static void test_throughput_matches_model(void **state)
     assert_int_equal(est.batch, 32);
 
     engine_backend be;
-    assert_int_equal(engine_backend_emulated_create(&mc, "V100-32G", 1, NULL, 4096, 16, &be, &e),
-                     LOOM_OK);
+    assert_int_equal(
+        engine_backend_emulated_create(&mc, "V100-32G", 1, NULL, 4096, 16, 0, 0, &be, &e), LOOM_OK);
     engine_config cfg;
     engine_config_default(&cfg);
     cfg.num_kv_blocks = 4096;
