@@ -31,6 +31,11 @@ void tensor_matmul_ref(float *y, const float *x, const float *w, const float *bi
                        int out);
 /* y (T, out) += x (T, in) @ w^T: a Linear whose output is added to a residual stream. */
 void tensor_matmul_add(float *y, const float *x, const float *w, int T, int in, int out);
+/* tensor_matmul on the calling thread only, with the kernels tensor_matmul picks (SGEMV at
+ * T = 1, the AVX2 kernel at 2..16, SGEMM above), for work that is already split over the pool
+ * at a coarser grain, e.g. whole MoE experts per thread. bias may be NULL. */
+void tensor_matmul_serial(float *y, const float *x, const float *w, const float *bias, int T,
+                          int in, int out);
 
 /* y (T, d) = x / rms(x) * w; y may equal x. */
 void tensor_rmsnorm(float *y, const float *x, const float *w, int T, int d, float eps);

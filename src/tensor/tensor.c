@@ -229,6 +229,26 @@ void tensor_matmul_add(float *y, const float *x, const float *w, int T, int in, 
     gemm_xwt(y, x, w, T, in, out, 1.0f);
 }
 
+/* The kernel choice of gemm_xwt (SGEMV, small-M AVX2, SGEMM) over all rows on this thread. */
+void tensor_matmul_serial(float *y, const float *x, const float *w, const float *bias, int T,
+                          int in, int out)
+{
+    if (T <= 0 || out <= 0)
+        return;
+    float beta = 0.0f;
+    if (bias) {
+        bias_rows(y, bias, T, out);
+        beta = 1.0f;
+    }
+    if (in <= 0) {
+        if (!bias)
+            memset(y, 0, (size_t)T * out * sizeof(float));
+        return;
+    }
+    tensor_blas_init();
+    gemm_part(y, x, w, T, in, out, 0, out, beta);
+}
+
 void tensor_matmul_ref(float *y, const float *x, const float *w, const float *bias, int T, int in,
                        int out)
 {

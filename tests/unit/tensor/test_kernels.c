@@ -45,6 +45,11 @@ static void test_matmul(void **state)
                     tensor_matmul(y, x, w, bb, T, in, out);
                     tensor_matmul_ref(yr, x, w, bb, T, in, out);
                     assert_true(max_abs_diff(y, yr, (size_t)T * out) < 1e-5 * sqrt(in) * 4);
+                    /* the single-threaded entry point, e.g. from inside a pool job */
+                    for (size_t i = 0; i < (size_t)T * out; i++)
+                        y[i] = NAN; /* every element must be written */
+                    tensor_matmul_serial(y, x, w, bb, T, in, out);
+                    assert_true(max_abs_diff(y, yr, (size_t)T * out) < 1e-5 * sqrt(in) * 4);
                 }
                 /* y += x @ w^T */
                 for (size_t i = 0; i < (size_t)T * out; i++)
