@@ -163,6 +163,9 @@ typedef struct model_batch {
     const int32_t *logit_rows;          /* (n_logits) flat token indices whose logits are wanted */
     float *const *router_logits;        /* optional: (L) each (T, E) pre-softmax gate outputs, or
                                            NULL entries for dense layers; NULL to skip */
+    float *const *moe_inputs;           /* optional: (L) each (T, d) the normalised hidden states
+                                           entering each MoE layer (what its router reads), or
+                                           NULL entries; NULL to skip */
 } model_batch;
 
 /*

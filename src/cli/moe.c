@@ -377,12 +377,13 @@ static void analyze_usage(FILE *f)
            "Runs the model over the text, then re-routes every MoE layer's tokens with each\n"
            "router that works on the checkpoint's gate logits (the model's own top-k, Switch\n"
            "top-1, group-limited with one group per node, expert choice) and with hash routing\n"
-           "(a table balanced on the text's own token frequencies),\n"
+           "(a table balanced on the text's own token frequencies), and re-routes the MoE\n"
+           "layers' input hidden states with LocMoE's GrAP gate (fixed slice-mean scores; its\n"
+           "learned eps is untrained here: one common value keeps the ReLU inactive),\n"
            "and prints per router, summed over layers: tokens per expert (max/mean, worst-layer\n"
            "CV), drops, the share of assignments on the token's rank and node, intra- and\n"
            "inter-node bytes (plain and de-duplicated per node) and the modelled all-to-all time.\n"
-           "Tokens are spread over the ranks in contiguous blocks (data parallel). LocMoE's GrAP\n"
-           "gate needs the layers' hidden states, which the model forward does not expose yet.\n\n"
+           "Tokens are spread over the ranks in contiguous blocks (data parallel).\n\n"
            "  --model DIR           Hugging Face MoE checkpoint directory (or random:<preset>)\n"
            "  --text FILE           UTF-8 text to run\n"
            "  --links NAME          link profile (default h100-ndr; 'loom moe links')\n"
@@ -405,7 +406,7 @@ typedef struct analyze_opts {
 /* Runs ids through the model in sequences of seq_len tokens; router[l] (n, E) gets layer l's
  * gate logits (NULL for dense layers). */
 static int analyze_forward(model *m, const int32_t *ids, int n, int seq_len, float **router,
-                           loom_err *e)
+                           float **hidden, loom_err *e)
 {
     const model_config *c = model_get_config(m);
     const int block = 16, n_blocks = (seq_len + block - 1) / block;
@@ -416,7 +417,8 @@ static int analyze_forward(model *m, const int32_t *ids, int n, int seq_len, flo
     int32_t *table = malloc(sizeof(int32_t) * n_blocks);
     float *logits = malloc(sizeof(float) * c->vocab_size);
     float **rl = calloc((size_t)c->n_layers, sizeof(float *));
-    if (!table || !logits || !rl) {
+    float **hl = calloc((size_t)c->n_layers, sizeof(float *));
+    if (!table || !logits || !rl || !hl) {
         rc = loom_errf(e, LOOM_ENOMEM, "out of memory");
         goto done;
     }
@@ -424,8 +426,10 @@ static int analyze_forward(model *m, const int32_t *ids, int n, int seq_len, flo
         table[i] = i;
     for (int start = 0; start < n; start += seq_len) {
         int len = n - start < seq_len ? n - start : seq_len;
-        for (int l = 0; l < c->n_layers; l++)
+        for (int l = 0; l < c->n_layers; l++) {
             rl[l] = router[l] ? router[l] + (size_t)start * c->n_experts : NULL;
+            hl[l] = hidden[l] ? hidden[l] + (size_t)start * c->hidden_size : NULL;
+        }
         int32_t seq_start[2] = {0, len}, ctx = 0, last = len - 1;
         const int32_t *tables[1] = {table};
         model_batch b = {
@@ -438,6 +442,7 @@ static int analyze_forward(model *m, const int32_t *ids, int n, int seq_len, flo
             .n_logits = 1,
             .logit_rows = &last,
             .router_logits = rl,
+            .moe_inputs = hl,
         };
         if ((rc = model_forward(m, &kv, &b, logits, e)))
             goto done;
@@ -446,6 +451,7 @@ done:
     free(table);
     free(logits);
     free(rl);
+    free(hl);
     model_kv_free(&kv);
     return rc;
 }
@@ -453,7 +459,8 @@ done:
 /* One router over every MoE layer's logits; the per-layer statistics summed into *step. */
 static int analyze_router(const moe_router_config *cfg, const model_config *c, float **router,
                           const int32_t *ids, int n, const int64_t *freq, const moe_topology *topo,
-                          double cf, size_t row_bytes, moe_layer_stats *step, loom_err *e)
+                          double cf, size_t row_bytes, float eps_shift, moe_layer_stats *step,
+                          loom_err *e)
 {
     moe_router r;
     moe_routing rt;
@@ -476,6 +483,9 @@ static int analyze_router(const moe_router_config *cfg, const model_config *c, f
         for (int i = 0; i < E; i++)
             r.w_gate[i * E + i] = 1.0f;
     }
+    if (r.b_gate) /* untrained GrAP: one common eps for every expert (see moe_analyze) */
+        for (int i = 0; i < E; i++)
+            r.b_gate[i] = eps_shift;
     moe_plan_config pc = {.drop = MOE_DROP_BY_POSITION};
     for (int l = 0; l < c->n_layers; l++) {
         if (!router[l])
@@ -591,7 +601,7 @@ static int moe_analyze(int argc, char **argv)
     moe_topology topo = {0};
     char *text = NULL;
     int32_t *ids = NULL;
-    float **router = NULL;
+    float **router = NULL, **hidden = NULL;
     int64_t *freq = NULL;
     int rc = CLI_EXIT_FAIL, n_ids = 0, L = 0;
     size_t text_len;
@@ -631,12 +641,15 @@ static int moe_analyze(int argc, char **argv)
         goto done;
     }
     router = calloc((size_t)L, sizeof(float *));
-    for (int l = 0; l < L && router; l++)
-        if (model_config_is_moe_layer(cfg, l) && !(router[l] = malloc(sizeof(float) * n * E))) {
+    hidden = calloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L && router && hidden; l++)
+        if (model_config_is_moe_layer(cfg, l) &&
+            (!(router[l] = malloc(sizeof(float) * n * E)) ||
+             !(hidden[l] = malloc(sizeof(float) * n * cfg->hidden_size)))) {
             fprintf(stderr, "loom moe analyze: out of memory\n");
             goto done;
         }
-    if (!router || analyze_forward(m, ids, n, (int)o.seq_len, router, &e) ||
+    if (!router || !hidden || analyze_forward(m, ids, n, (int)o.seq_len, router, hidden, &e) ||
         moe_topology_init(&topo, (int)o.nodes, (int)o.rpn, E, o.link, &e)) {
         fprintf(stderr, "loom moe analyze: %s\n", router ? e.msg : "out of memory");
         goto done;
@@ -644,9 +657,9 @@ static int moe_analyze(int argc, char **argv)
 
     int k = cfg->n_experts_per_tok > 0 ? cfg->n_experts_per_tok : 1;
     bool renorm = cfg->arch == ARCH_MIXTRAL || cfg->norm_topk_prob;
-    moe_router_config rcfg[5];
-    const char *names[5] = {"model top-k", "switch top-1", "group-limited", "expert choice",
-                            "hash (frequency-balanced)"};
+    moe_router_config rcfg[6];
+    const char *names[6] = {"model top-k",  "switch top-1", "group-limited", "expert choice",
+                            "hash (frequency-balanced)", "locmoe (GrAP, untrained eps)"};
     moe_router_config_default(&rcfg[0], MOE_ROUTER_TOPK, E, E);
     rcfg[0].k = k;
     rcfg[0].renormalize = renorm;
@@ -685,10 +698,19 @@ static int moe_analyze(int argc, char **argv)
     for (int t = 0; t < n; t++)
         if (ids[t] >= 0 && ids[t] < cfg->vocab_size)
             freq[ids[t]]++;
-    for (int i = 0; i < 5; i++) {
+    /* LocMoE's GrAP gate (eqs. 2-4) reads the hidden states themselves: expert i scores the
+     * mean of the i-th slice. Its eps is learned in training; untrained, one common eps larger
+     * than any |slice mean| keeps the ReLU inactive, so the ranking is the gate's own. */
+    float eps_shift = 0;
+    for (int l = 0; l < L; l++)
+        for (size_t i = 0; hidden[l] && i < (size_t)n * cfg->hidden_size; i++)
+            eps_shift = fabsf(hidden[l][i]) > eps_shift ? fabsf(hidden[l][i]) : eps_shift;
+    eps_shift += 1.0f;
+    moe_router_config_default(&rcfg[5], MOE_ROUTER_LOCMOE, cfg->hidden_size, E);
+    for (int i = 0; i < 6; i++) {
         moe_layer_stats st;
-        if (analyze_router(&rcfg[i], cfg, router, ids, n, freq, &topo, o.cf,
-                           (size_t)(cfg->hidden_size * o.bpe), &st, &e)) {
+        if (analyze_router(&rcfg[i], cfg, i == 5 ? hidden : router, ids, n, freq, &topo, o.cf,
+                           (size_t)(cfg->hidden_size * o.bpe), eps_shift, &st, &e)) {
             fprintf(stderr, "loom moe analyze: %s: %s\n", names[i], e.msg);
             goto done;
         }
@@ -697,13 +719,16 @@ static int moe_analyze(int argc, char **argv)
                100 * st.share_rank, 100 * st.share_node, st.bytes_intra_node / 1e6,
                st.bytes_inter_node / 1e6, st.bytes_inter_node_dedup / 1e6, st.a2a_time * 1e3);
     }
-    printf("locmoe: not re-routed (the GrAP gate reads hidden states, not gate logits)\n");
     rc = CLI_EXIT_OK;
 done:
-    if (router)
-        for (int l = 0; l < L; l++)
+    for (int l = 0; l < L; l++) {
+        if (router)
             free(router[l]);
+        if (hidden)
+            free(hidden[l]);
+    }
     free(router);
+    free(hidden);
     free(freq);
     free(ids);
     free(text);

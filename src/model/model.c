@@ -1072,10 +1072,13 @@ int model_forward(model *m, model_kv *kv, const model_batch *b, float *logits, l
                     w->x[(size_t)t * d + i] += ly->bo[i];
         /* feed-forward */
         tensor_rmsnorm(w->xn, w->x, ly->ffn_norm, T, d, c->rms_norm_eps);
-        if (ly->moe)
+        if (ly->moe) {
+            if (b->moe_inputs && b->moe_inputs[l]) /* the normalised hidden state it routes */
+                memcpy(b->moe_inputs[l], w->xn, (size_t)T * d * sizeof(float));
             moe_block(m, ly, T, b->router_logits ? b->router_logits[l] : NULL);
-        else
+        } else {
             swiglu_ffn(w, w->x, w->xn, ly->w_gate_up, ly->w_down, T, d, c->intermediate_size, true);
+        }
     }
 
     if (b->n_logits == 0)
