@@ -658,8 +658,12 @@ static int moe_analyze(int argc, char **argv)
     int k = cfg->n_experts_per_tok > 0 ? cfg->n_experts_per_tok : 1;
     bool renorm = cfg->arch == ARCH_MIXTRAL || cfg->norm_topk_prob;
     moe_router_config rcfg[6];
-    const char *names[6] = {"model top-k",  "switch top-1", "group-limited", "expert choice",
-                            "hash (frequency-balanced)", "locmoe (GrAP, untrained eps)"};
+    const char *names[6] = {"model top-k",
+                            "switch top-1",
+                            "group-limited",
+                            "expert choice",
+                            "hash (frequency-balanced)",
+                            "locmoe (GrAP, untrained eps)"};
     moe_router_config_default(&rcfg[0], MOE_ROUTER_TOPK, E, E);
     rcfg[0].k = k;
     rcfg[0].renormalize = renorm;

@@ -122,8 +122,9 @@ static int batched_greedy(model *m, const prompts *ps)
     for (int s = 0; s < ps->n; s++)
         total += ps->len[s];
     float *buf = malloc((size_t)total * V * sizeof(float));
-    const int32_t *toks[8];
-    int ctx[8] = {0}, n_new[8], ones[8];
+    const int32_t *toks[8] = {0};
+    int ctx[8] = {0}, n_new[8] = {0}, ones[8] = {0};
+    assert_true(ps->n <= 8);
     for (int s = 0; s < ps->n; s++) {
         toks[s] = ps->ids[s];
         n_new[s] = ps->len[s];
