@@ -470,6 +470,27 @@ static int parse_behavior(const char *s, int *out)
     return -1;
 }
 
+/* A Sequence component: each item of j[key] through parse, with a depth bound against hostile
+ * nesting (the fuzz target builds such files). */
+static int parse_sequence(builder *b, const cJSON *j, const char *key, const char *what,
+                          int (*parse)(builder *, const cJSON *, loom_err *), loom_err *e)
+{
+    const cJSON *list = jget(j, key);
+    if (!cJSON_IsArray(list))
+        return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: Sequence %s without \"%s\"", what, key);
+    if (++b->depth > TOK_MAX_DEPTH)
+        return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: %s nested too deeply", what);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list)
+    {
+        int rc = parse(b, item, e);
+        if (rc)
+            return rc;
+    }
+    b->depth--;
+    return LOOM_OK;
+}
+
 /* pre_tokenizer: ByteLevel, Split, Sequence, and the few others that reduce to a Split. */
 static int parse_pretokenizer(builder *b, const cJSON *j, loom_err *e)
 {
@@ -479,21 +500,7 @@ static int parse_pretokenizer(builder *b, const cJSON *j, loom_err *e)
     if (!type)
         return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: pre_tokenizer without a \"type\"");
     if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = jget(j, "pretokenizers");
-        if (!cJSON_IsArray(list))
-            return loom_errf(e, LOOM_EFORMAT,
-                             "tokenizer.json: Sequence pre_tokenizer without \"pretokenizers\"");
-        if (++b->depth > TOK_MAX_DEPTH)
-            return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: pre_tokenizer nested too deeply");
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list)
-        {
-            int rc = parse_pretokenizer(b, item, e);
-            if (rc)
-                return rc;
-        }
-        b->depth--;
-        return LOOM_OK;
+        return parse_sequence(b, j, "pretokenizers", "pre_tokenizer", parse_pretokenizer, e);
     }
     if (strcmp(type, "ByteLevel") == 0) {
         b->has_byte_level = true;
@@ -605,21 +612,7 @@ static int parse_normalizer(builder *b, const cJSON *j, loom_err *e)
         return LOOM_OK;
     }
     if (type && strcmp(type, "Sequence") == 0) {
-        const cJSON *list = jget(j, "normalizers");
-        if (!cJSON_IsArray(list))
-            return loom_errf(e, LOOM_EFORMAT,
-                             "tokenizer.json: Sequence normalizer without \"normalizers\"");
-        if (++b->depth > TOK_MAX_DEPTH)
-            return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: normalizer nested too deeply");
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list)
-        {
-            int rc = parse_normalizer(b, item, e);
-            if (rc)
-                return rc;
-        }
-        b->depth--;
-        return LOOM_OK;
+        return parse_sequence(b, j, "normalizers", "normalizer", parse_normalizer, e);
     }
     return loom_errf(e, LOOM_EUNSUPPORTED,
                      "tokenizer.json: normalizer '%s' is not supported (supported: null, NFC, "
@@ -662,21 +655,7 @@ static int parse_decoder(builder *b, const cJSON *j, loom_err *e)
         return LOOM_OK;
     }
     if (type && strcmp(type, "Sequence") == 0) {
-        const cJSON *list = jget(j, "decoders");
-        if (!cJSON_IsArray(list))
-            return loom_errf(e, LOOM_EFORMAT,
-                             "tokenizer.json: Sequence decoder without \"decoders\"");
-        if (++b->depth > TOK_MAX_DEPTH)
-            return loom_errf(e, LOOM_EFORMAT, "tokenizer.json: decoder nested too deeply");
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list)
-        {
-            int rc = parse_decoder(b, item, e);
-            if (rc)
-                return rc;
-        }
-        b->depth--;
-        return LOOM_OK;
+        return parse_sequence(b, j, "decoders", "decoder", parse_decoder, e);
     }
     return loom_errf(e, LOOM_EUNSUPPORTED,
                      "tokenizer.json: decoder '%s' is not supported (supported: null, ByteLevel, "
