@@ -78,6 +78,11 @@ int api_request_tokenize(api_request *r, const tokenizer *tok, const api_limits 
                          api_error *err);
 void api_request_free(api_request *r);
 
+/* 'Authorization: Bearer KEY' on evreq matches api_key (constant-time); true when api_key is
+ * NULL (no key configured). Used by loom serve and loom gateway. */
+struct evhttp_request;
+bool http_bearer_authorized(struct evhttp_request *evreq, const char *api_key);
+
 /* vLLM's POST /tokenize ({"prompt"} or {"messages"}, add_special_tokens) and POST /detokenize
  * ({"tokens"}): the JSON reply body into out, or -1 with err (400, 404). */
 int api_tokenize(const char *body, size_t len, const api_limits *lim, const tokenizer *tok,

@@ -863,29 +863,6 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ---------------------------------------------------------------- endpoints */
 
-/* Constant-time comparison of the presented key with ours. */
-static bool key_matches(const char *given, const char *want)
-{
-    size_t a = strlen(given), b = strlen(want);
-    unsigned diff = (unsigned)(a ^ b);
-    for (size_t i = 0; i < b; i++)
-        diff |= (unsigned)(unsigned char)want[i] ^ (unsigned)(unsigned char)(i < a ? given[i] : 0);
-    return diff == 0;
-}
-
-static bool authorized(gateway *g, struct evhttp_request *evreq)
-{
-    if (!g->api_key)
-        return true;
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(evreq), "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
-        return false;
-    h += 7;
-    while (*h == ' ')
-        h++;
-    return key_matches(h, g->api_key);
-}
-
 static char *header_copy(struct evhttp_request *evreq, const char *name)
 {
     const char *v = evhttp_find_header(evhttp_request_get_input_headers(evreq), name);
@@ -1116,7 +1093,7 @@ static void on_request(struct evhttp_request *evreq, void *arg)
             reply_simple_error(evreq, 405, "invalid_request_error", "method_not_allowed", msg);
             return;
         }
-        if (rt->needs_key && !authorized(g, evreq)) {
+        if (rt->needs_key && !http_bearer_authorized(evreq, g->api_key)) {
             g->bad_requests++;
             reply_simple_error(evreq, 401, "authentication_error", "invalid_api_key",
                                "invalid or missing API key: send 'Authorization: Bearer <key>'");

@@ -809,29 +809,6 @@ static const route routes[] = {
     {"/metrics", EVHTTP_REQ_GET, "GET", false, handle_metrics},
 };
 
-/* Constant-time comparison of the presented key with ours. */
-static bool key_matches(const char *given, const char *want)
-{
-    size_t a = strlen(given), b = strlen(want);
-    unsigned diff = (unsigned)(a ^ b);
-    for (size_t i = 0; i < b; i++)
-        diff |= (unsigned)(unsigned char)want[i] ^ (unsigned)(unsigned char)(i < a ? given[i] : 0);
-    return diff == 0;
-}
-
-static bool authorized(server *s, struct evhttp_request *evreq)
-{
-    if (!s->api_key)
-        return true;
-    const char *h = evhttp_find_header(evhttp_request_get_input_headers(evreq), "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
-        return false;
-    h += 7;
-    while (*h == ' ')
-        h++;
-    return key_matches(h, s->api_key);
-}
-
 static void on_request(struct evhttp_request *evreq, void *arg)
 {
     server *s = arg;
@@ -851,7 +828,7 @@ static void on_request(struct evhttp_request *evreq, void *arg)
             reply_simple_error(evreq, 405, "invalid_request_error", "method_not_allowed", msg);
             return;
         }
-        if (rt->needs_key && !authorized(s, evreq)) {
+        if (rt->needs_key && !http_bearer_authorized(evreq, s->api_key)) {
             reply_simple_error(evreq, 401, "authentication_error", "invalid_api_key",
                                "invalid or missing API key: send 'Authorization: Bearer <key>'");
             return;
