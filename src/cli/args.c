@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,4 +78,15 @@ void cli_format_bytes(uint64_t n, char *out, int cap)
         snprintf(out, (size_t)cap, "%llu B", (unsigned long long)n);
     else
         snprintf(out, (size_t)cap, "%.1f %s", v, units[u]);
+}
+
+int cli_usage_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "loom %s: ", cmd);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\nRun 'loom %s --help' for the options.\n", cmd);
+    va_end(ap);
+    return CLI_EXIT_USAGE;
 }

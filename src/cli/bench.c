@@ -184,14 +184,6 @@ static void bench_help(FILE *f)
     fputs(bench_help_text, f);
 }
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom bench: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom bench --help' for the options.\n");
-    return CLI_EXIT_USAGE;
-}
-
 static bool parse_positive(const char *s, double *out, bool allow_inf)
 {
     if (allow_inf && (!strcasecmp(s, "inf") || !strcasecmp(s, "infinity"))) {
@@ -228,17 +220,18 @@ int cli_bench(int argc, char **argv)
         switch (c) {
         case OPT_URL:
             if (cfg.n_targets >= BENCH_MAX_TARGETS)
-                return usage_error("at most %s targets", "16");
+                return cli_usage_error("bench", "at most %s targets", "16");
             cfg.urls[cfg.n_targets++] = optarg;
             break;
         case OPT_LABEL:
             if (n_labels >= BENCH_MAX_TARGETS)
-                return usage_error("at most %s labels", "16");
+                return cli_usage_error("bench", "at most %s labels", "16");
             cfg.labels[n_labels++] = optarg;
             break;
         case OPT_ENDPOINT:
             if (optarg[0] != '/')
-                return usage_error("--endpoint '%s': want a path such as /v1/completions", optarg);
+                return cli_usage_error(
+                    "bench", "--endpoint '%s': want a path such as /v1/completions", optarg);
             cfg.endpoint = optarg;
             break;
         case OPT_MODEL:
@@ -264,50 +257,54 @@ int cli_bench(int argc, char **argv)
             break;
         case OPT_SEED:
             if (!cli_parse_int(optarg, 0, INT64_MAX, &v))
-                return usage_error("--seed '%s': want a non-negative integer", optarg);
+                return cli_usage_error("bench", "--seed '%s': want a non-negative integer", optarg);
             cfg.workload.seed = (uint64_t)v;
             break;
         case OPT_TIME_SCALE:
             if (!parse_positive(optarg, &cfg.time_scale, false))
-                return usage_error("--time-scale '%s': want a positive number", optarg);
+                return cli_usage_error("bench", "--time-scale '%s': want a positive number",
+                                       optarg);
             time_scale_given = true;
             break;
         case OPT_RATE:
             if (!parse_positive(optarg, &cfg.rate, true))
-                return usage_error("--rate '%s': want requests per second > 0, or inf", optarg);
+                return cli_usage_error("bench", "--rate '%s': want requests per second > 0, or inf",
+                                       optarg);
             cfg.arrival = isfinite(cfg.rate) ? BENCH_ARRIVAL_GAMMA : BENCH_ARRIVAL_AT_ONCE;
             rate_given = true;
             break;
         case OPT_BURSTINESS:
             if (!parse_positive(optarg, &cfg.burstiness, false))
-                return usage_error("--burstiness '%s': want a positive number", optarg);
+                return cli_usage_error("bench", "--burstiness '%s': want a positive number",
+                                       optarg);
             break;
         case OPT_CONCURRENCY:
             if (!cli_parse_int(optarg, 1, 1000000, &v))
-                return usage_error("--concurrency '%s': want an integer >= 1", optarg);
+                return cli_usage_error("bench", "--concurrency '%s': want an integer >= 1", optarg);
             cfg.concurrency = (int)v;
             break;
         case OPT_BATCH:
             if (!cli_parse_int(optarg, 1, 100000000, &batch))
-                return usage_error("--batch '%s': want an integer >= 1", optarg);
+                return cli_usage_error("bench", "--batch '%s': want an integer >= 1", optarg);
             break;
         case OPT_DURATION:
             if (!parse_positive(optarg, &cfg.duration_s, false))
-                return usage_error("--duration '%s': want seconds > 0", optarg);
+                return cli_usage_error("bench", "--duration '%s': want seconds > 0", optarg);
             break;
         case OPT_MAX_REQUESTS:
             if (!cli_parse_int(optarg, 1, INT64_MAX, &v))
-                return usage_error("--max-requests '%s': want an integer >= 1", optarg);
+                return cli_usage_error("bench", "--max-requests '%s': want an integer >= 1",
+                                       optarg);
             cfg.max_requests = (uint64_t)v;
             break;
         case OPT_WARMUP:
             if (!cli_parse_int(optarg, 0, 1000000, &v))
-                return usage_error("--warmup '%s': want an integer >= 0", optarg);
+                return cli_usage_error("bench", "--warmup '%s': want an integer >= 0", optarg);
             cfg.warmup = (int)v;
             break;
         case OPT_TIMEOUT:
             if (!parse_positive(optarg, &d, false))
-                return usage_error("--timeout '%s': want seconds > 0", optarg);
+                return cli_usage_error("bench", "--timeout '%s': want seconds > 0", optarg);
             cfg.timeout_s = d;
             break;
         case OPT_PROMPT_MODE:
@@ -320,8 +317,8 @@ int cli_bench(int argc, char **argv)
             else if (!strcmp(optarg, "ids"))
                 cfg.prompt_mode = BENCH_PROMPTS_IDS;
             else
-                return usage_error("--prompt-mode '%s': want auto, tokenizer, tokenize or ids",
-                                   optarg);
+                return cli_usage_error(
+                    "bench", "--prompt-mode '%s': want auto, tokenizer, tokenize or ids", optarg);
             break;
         case OPT_TOKENIZER:
             tokenizer_dir = optarg;
@@ -329,7 +326,8 @@ int cli_bench(int argc, char **argv)
         case OPT_TOKEN_IDS: {
             int lo, hi, n = 0;
             if (sscanf(optarg, "%d-%d%n", &lo, &hi, &n) != 2 || optarg[n] || lo < 0 || hi <= lo)
-                return usage_error("--token-ids '%s': want LO-HI with 0 <= LO < HI", optarg);
+                return cli_usage_error("bench", "--token-ids '%s': want LO-HI with 0 <= LO < HI",
+                                       optarg);
             cfg.id_lo = lo;
             cfg.id_hi = hi;
             break;
@@ -339,7 +337,8 @@ int cli_bench(int argc, char **argv)
             break;
         case OPT_ROUNDS:
             if (!cli_parse_int(optarg, 1, 1000, &v))
-                return usage_error("--rounds '%s': want an integer in [1, 1000]", optarg);
+                return cli_usage_error("bench", "--rounds '%s': want an integer in [1, 1000]",
+                                       optarg);
             cfg.rounds = (int)v;
             break;
         case OPT_INTERLEAVE:
@@ -348,11 +347,11 @@ int cli_bench(int argc, char **argv)
             else if (!strcmp(optarg, "requests"))
                 cfg.interleave = BENCH_INTERLEAVE_REQUESTS;
             else
-                return usage_error("--interleave '%s': want runs or requests", optarg);
+                return cli_usage_error("bench", "--interleave '%s': want runs or requests", optarg);
             break;
         case OPT_SLO:
             if (bench_slo_parse(optarg, &slo, &e) != 0)
-                return usage_error("%s", e.msg);
+                return cli_usage_error("bench", "%s", e.msg);
             break;
         case OPT_OUT:
             out_path = optarg;
@@ -378,19 +377,21 @@ int cli_bench(int argc, char **argv)
         }
     }
     if (optind < argc)
-        return usage_error("unexpected argument '%s'", argv[optind]);
+        return cli_usage_error("bench", "unexpected argument '%s'", argv[optind]);
     if (cfg.n_targets == 0)
-        return usage_error("%s", "no target: give --url http://host:port");
+        return cli_usage_error("bench", "%s", "no target: give --url http://host:port");
     if (n_labels > cfg.n_targets)
-        return usage_error("%s", "more --label than --url");
+        return cli_usage_error("bench", "%s", "more --label than --url");
     if (trace_path && (synthetic || input_spec || output_spec))
-        return usage_error("%s", "--trace gives the lengths; for a trace's length histogram "
-                                 "with synthetic arrivals use --input-len trace:FILE");
+        return cli_usage_error("bench", "%s",
+                               "--trace gives the lengths; for a trace's length histogram "
+                               "with synthetic arrivals use --input-len trace:FILE");
     if (batch && (isfinite(cfg.rate) || time_scale_given))
-        return usage_error("%s", "--batch submits everything at once: no --rate or "
-                                 "--time-scale with it");
+        return cli_usage_error("bench", "%s",
+                               "--batch submits everything at once: no --rate or "
+                               "--time-scale with it");
     if (batch && cfg.max_requests)
-        return usage_error("%s", "--batch N already says how many requests");
+        return cli_usage_error("bench", "%s", "--batch N already says how many requests");
     if (!cfg.api_key) {
         cfg.api_key = getenv("OPENAI_API_KEY");
         if (!cfg.api_key || !*cfg.api_key)

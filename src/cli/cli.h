@@ -32,6 +32,9 @@ bool cli_parse_int(const char *s, long long lo, long long hi, long long *out);
 /* A byte count: "1048576", "512MiB", "2GiB", "1.5GB", "64k" (k/M/G/T powers of 1000 with B,
  * of 1024 with iB or bare). */
 bool cli_parse_bytes(const char *s, uint64_t *out);
+/* "loom CMD: <message>" and "Run 'loom CMD --help' for the options." on stderr; returns
+ * CLI_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* "1.5 GiB" style, for messages. */
 void cli_format_bytes(uint64_t n, char *out, int cap);
 

@@ -182,14 +182,6 @@ static void print_help(void)
     fputs(gateway_help_tail, stdout);
 }
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom gateway: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom gateway --help' for the options.\n");
-    return CLI_EXIT_USAGE;
-}
-
 static bool parse_seconds(const char *s, double lo, double hi, double *out)
 {
     if (!s || !*s)
@@ -214,16 +206,17 @@ static int apply_plan(gateway_opts *o)
     plan_file pf;
     memset(&pf, 0, sizeof(pf));
     if (plan_file_load(o->plan, &pf, &e)) {
-        fprintf(stderr, "loom gateway: --plan %s: %s\nHINT: write one with `loom plan`; check it "
-                        "with `loom plan --check %s`\n",
+        fprintf(stderr,
+                "loom gateway: --plan %s: %s\nHINT: write one with `loom plan`; check it "
+                "with `loom plan --check %s`\n",
                 o->plan, e.msg, o->plan);
         return CLI_EXIT_USAGE;
     }
     int rc = 0;
-    gateway_upstream_spec *ups = calloc((size_t)(pf.n_instances > 0 ? pf.n_instances : 1),
-                                        sizeof(*ups));
+    gateway_upstream_spec *ups =
+        calloc((size_t)(pf.n_instances > 0 ? pf.n_instances : 1), sizeof(*ups));
     if (!ups) {
-        rc = usage_error("%s", "out of memory");
+        rc = cli_usage_error("gateway", "%s", "out of memory");
         goto out;
     }
     if (o->n_ups && o->n_ups != pf.n_instances) {
@@ -300,16 +293,16 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
             break;
         case OPT_UPSTREAM: {
             if (o->n_ups >= GATEWAY_MAX_UPSTREAMS)
-                return usage_error("too many --upstream (at most %s)", "1024");
+                return cli_usage_error("gateway", "too many --upstream (at most %s)", "1024");
             loom_err e = {0};
             gateway_upstream_spec spec;
             if (gateway_upstream_parse(a, &spec, &e) != 0)
-                return usage_error("%s", e.msg);
+                return cli_usage_error("gateway", "%s", e.msg);
             if (!strchr(a, '='))
                 spec.weight = 0; /* not given: 1, or the plan's */
             o->ups = realloc(o->ups, (size_t)(o->n_ups + 1) * sizeof(*o->ups));
             if (!o->ups)
-                return usage_error("%s", "out of memory");
+                return cli_usage_error("gateway", "%s", "out of memory");
             o->ups[o->n_ups++] = spec;
             break;
         }
@@ -405,28 +398,27 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
             *help = true;
             return 0;
         case ':':
-            return usage_error("option '%s' needs a value", argv[optind - 1]);
+            return cli_usage_error("gateway", "option '%s' needs a value", argv[optind - 1]);
         default:
-            return usage_error("unknown option '%s'", argv[optind - 1]);
+            return cli_usage_error("gateway", "unknown option '%s'", argv[optind - 1]);
         }
         if (!ok) {
             /* long_opts is in enum order: ch - OPT_POLICY indexes it */
-            fprintf(stderr, "loom gateway: invalid value '%s' for --%s\n", a,
-                    long_opts[ch - OPT_POLICY].name);
-            fprintf(stderr, "Run 'loom gateway --help' for the options.\n");
-            return CLI_EXIT_USAGE;
+            return cli_usage_error("gateway", "invalid value '%s' for --%s", a,
+                                   long_opts[ch - OPT_POLICY].name);
         }
     }
     if (optind < argc)
-        return usage_error("unexpected argument '%s'", argv[optind]);
+        return cli_usage_error("gateway", "unexpected argument '%s'", argv[optind]);
     if (o->plan) {
         int rc = apply_plan(o);
         if (rc)
             return rc;
     }
     if (o->n_ups == 0)
-        return usage_error("%s", "no upstreams: give --upstream http://HOST:PORT (repeatable) "
-                                 "or --plan plan.yaml");
+        return cli_usage_error("gateway", "%s",
+                               "no upstreams: give --upstream http://HOST:PORT (repeatable) "
+                               "or --plan plan.yaml");
     for (int i = 0; i < o->n_ups; i++)
         if (o->ups[i].weight <= 0)
             o->ups[i].weight = 1;

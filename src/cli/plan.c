@@ -143,14 +143,6 @@ static void plan_help(FILE *f)
 }
 /* clang-format on */
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom plan: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom plan --help' for the flags.\n");
-    return CLI_EXIT_USAGE;
-}
-
 static bool parse_double(const char *s, double lo, double hi, double *out)
 {
     char *end = NULL;
@@ -352,37 +344,42 @@ int cli_plan(int argc, char **argv)
             break;
         case OPT_OBJECTIVE:
             if (plan_objective_parse(optarg, &o.opts.objective))
-                return usage_error("--objective '%s': use throughput, throughput-per-cost or "
-                                   "min-cost",
-                                   optarg);
+                return cli_usage_error("plan",
+                                       "--objective '%s': use throughput, throughput-per-cost or "
+                                       "min-cost",
+                                       optarg);
             break;
         case OPT_TARGET_RATE:
             if (!parse_double(optarg, 1e-12, 1e12, &o.opts.target_rate))
-                return usage_error("--target-rate '%s': a positive number of requests/s", optarg);
+                return cli_usage_error(
+                    "plan", "--target-rate '%s': a positive number of requests/s", optarg);
             break;
         case OPT_TP:
             if (!parse_tp_list(optarg, &o.opts))
-                return usage_error("--tp '%s': a comma-separated list of degrees, e.g. 1,2,4",
-                                   optarg);
+                return cli_usage_error(
+                    "plan", "--tp '%s': a comma-separated list of degrees, e.g. 1,2,4", optarg);
             break;
         case OPT_UTIL:
             if (!parse_double(optarg, 0.01, 1.0, &dv))
-                return usage_error("--gpu-memory-utilization '%s': a fraction in (0, 1]", optarg);
+                return cli_usage_error(
+                    "plan", "--gpu-memory-utilization '%s': a fraction in (0, 1]", optarg);
             o.opts.limits.mem_utilization = dv;
             break;
         case OPT_BLOCK_SIZE:
             if (!cli_parse_int(optarg, 1, 1 << 16, &v))
-                return usage_error("--block-size '%s': an integer in [1, 65536]", optarg);
+                return cli_usage_error("plan", "--block-size '%s': an integer in [1, 65536]",
+                                       optarg);
             o.opts.limits.block_size = (int)v;
             break;
         case OPT_MAX_SEQS:
             if (!cli_parse_int(optarg, 1, 1 << 20, &v))
-                return usage_error("--max-num-seqs '%s': an integer >= 1", optarg);
+                return cli_usage_error("plan", "--max-num-seqs '%s': an integer >= 1", optarg);
             o.opts.limits.max_num_seqs = (int)v;
             break;
         case OPT_MAX_BATCHED:
             if (!cli_parse_int(optarg, 1, 1 << 24, &v))
-                return usage_error("--max-num-batched-tokens '%s': an integer >= 1", optarg);
+                return cli_usage_error("plan", "--max-num-batched-tokens '%s': an integer >= 1",
+                                       optarg);
             o.opts.limits.max_num_batched_tokens = (int)v;
             break;
         case OPT_DTYPE:
@@ -392,11 +389,11 @@ int cli_plan(int argc, char **argv)
             else if (!strcasecmp(optarg, "f32") || !strcasecmp(optarg, "float32"))
                 o.opts.weight_bytes = 4;
             else
-                return usage_error("--dtype '%s': bf16, f16 or f32", optarg);
+                return cli_usage_error("plan", "--dtype '%s': bf16, f16 or f32", optarg);
             break;
         case OPT_RUNNER_UPS:
             if (!cli_parse_int(optarg, 0, 100, &v))
-                return usage_error("--runner-ups '%s': an integer in [0, 100]", optarg);
+                return cli_usage_error("plan", "--runner-ups '%s': an integer in [0, 100]", optarg);
             o.opts.runner_ups = (int)v;
             break;
         case OPT_OUTPUT:
@@ -407,7 +404,7 @@ int cli_plan(int argc, char **argv)
             break;
         case OPT_EXPLAIN:
             if (o.n_explain == MAX_EXPLAIN)
-                return usage_error("--explain: at most %s configurations", "16");
+                return cli_usage_error("plan", "--explain: at most %s configurations", "16");
             o.explain[o.n_explain++] = optarg;
             break;
         case OPT_QUIET:
@@ -420,17 +417,19 @@ int cli_plan(int argc, char **argv)
             plan_help(stdout);
             return CLI_EXIT_OK;
         default:
-            return usage_error("%s", "unknown flag");
+            return cli_usage_error("plan", "%s", "unknown flag");
         }
     }
     if (optind < argc)
-        return usage_error("unexpected argument '%s'", argv[optind]);
+        return cli_usage_error("plan", "unexpected argument '%s'", argv[optind]);
     if (o.check)
         return run_check(&o);
     if (!o.cluster || !o.model)
-        return usage_error("%s", "--cluster and --model are required (or --check PLAN)");
+        return cli_usage_error("plan", "%s",
+                               "--cluster and --model are required (or --check PLAN)");
     if (o.workload && (o.input_len || o.output_len))
-        return usage_error("%s", "give --workload or --input-len/--output-len, not both");
+        return cli_usage_error("plan", "%s",
+                               "give --workload or --input-len/--output-len, not both");
     o.opts.profiles_dir = o.profiles;
 
     loom_err e = {0};
@@ -483,7 +482,8 @@ int cli_plan(int argc, char **argv)
         long long tp = 0;
         if (!colon || colon == o.explain[i] || (size_t)(colon - o.explain[i]) >= sizeof(dev) ||
             !cli_parse_int(colon + 1, 1, PLAN_MAX_DEVICES_PER_MACHINE, &tp)) {
-            rc = usage_error("--explain '%s': DEVICE:TP, for example H100-80G:2", o.explain[i]);
+            rc = cli_usage_error("plan", "--explain '%s': DEVICE:TP, for example H100-80G:2",
+                                 o.explain[i]);
             goto out;
         }
         snprintf(dev, sizeof(dev), "%.*s", (int)(colon - o.explain[i]), o.explain[i]);

@@ -30,7 +30,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-
 #define PROFILE_MAX_STEPS 256
 
 typedef struct profile_opts {
@@ -150,14 +149,6 @@ static const char profile_help_text[] =
 "  loom profile --host --out host.yaml && loom plan --catalog host.yaml ...\n";
 /* clang-format on */
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom profile: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom profile --help' for the flags.\n");
-    return CLI_EXIT_USAGE;
-}
-
 /* ---------------------------------------------------------------- progress */
 
 typedef struct progress {
@@ -213,7 +204,8 @@ static int make_grid(const profile_opts *o, grid_cell *cells, int cap)
     for (int i = 0; i < n && m < cap; i++) {
         if (steps[i].prefill_tokens > 0) {
             int seqs = (int)steps[i].prefill_seqs;
-            cells[m++] = (grid_cell){PERF_STEP_PREFILL, (int)(steps[i].prefill_tokens / seqs), seqs};
+            cells[m++] =
+                (grid_cell){PERF_STEP_PREFILL, (int)(steps[i].prefill_tokens / seqs), seqs};
         } else {
             int b = (int)steps[i].decode_seqs;
             cells[m++] = (grid_cell){PERF_STEP_DECODE, b, (int)(steps[i].decode_ctx / b)};
@@ -232,8 +224,7 @@ typedef struct engine_run {
     int32_t *prompt; /* scratch, (max_context) */
 } engine_run;
 
-static int add_requests(engine_run *r, int n, int len, int max_tokens, uint64_t *ids,
-                        loom_err *e)
+static int add_requests(engine_run *r, int n, int len, int max_tokens, uint64_t *ids, loom_err *e)
 {
     sampling_params sp;
     sampling_params_default(&sp);
@@ -289,8 +280,8 @@ static int drain(engine_run *r, loom_err *e)
 }
 
 /* A prompt step: seqs prompts of len tokens in one step (len * seqs <= the token budget). */
-static int engine_prefill_cell(engine_run *r, const grid_cell *c, int repeat,
-                               perf_timed_step *out, loom_err *e)
+static int engine_prefill_cell(engine_run *r, const grid_cell *c, int repeat, perf_timed_step *out,
+                               loom_err *e)
 {
     double t[64];
     int got = 0;
@@ -319,8 +310,8 @@ static int engine_prefill_cell(engine_run *r, const grid_cell *c, int repeat,
  * are prefilled once (untimed), then each smaller batch is reached by aborting sequences, so
  * the prompts are paid for once per context rather than once per cell.
  */
-static int engine_decode_ctx(engine_run *r, int ctx, const int *batches, int n_batches,
-                             int repeat, perf_timed_step *out, progress *pg, loom_err *e)
+static int engine_decode_ctx(engine_run *r, int ctx, const int *batches, int n_batches, int repeat,
+                             perf_timed_step *out, progress *pg, loom_err *e)
 {
     int bmax = batches[0];
     int gen = n_batches * (repeat + 2) + 4;
@@ -403,8 +394,8 @@ static int run_engine(const profile_opts *o, model *m, const grid_cell *cells, i
     ec.num_kv_blocks = blocks;
     ec.max_num_seqs = (int)o->max_batch;
     ec.max_num_batched_tokens = (int)o->max_tokens;
-    ec.max_model_len = (int)(o->max_context > o->max_prompt ? o->max_context : o->max_prompt) +
-                       gen_max + bs;
+    ec.max_model_len =
+        (int)(o->max_context > o->max_prompt ? o->max_context : o->max_prompt) + gen_max + bs;
     if (ec.max_model_len > mc->max_position_embeddings)
         ec.max_model_len = mc->max_position_embeddings;
     ec.enable_prefix_caching = false;
@@ -483,8 +474,8 @@ static int http_batch(const profile_opts *o, int n, int in, int outl, uint64_t s
                 why = (*res)->records[i].error_msg;
                 break;
             }
-        rc = loom_errf(e, LOOM_EINVAL, "a batch of %d requests of %d+%d tokens failed: %s", n,
-                       in, outl, why);
+        rc = loom_errf(e, LOOM_EINVAL, "a batch of %d requests of %d+%d tokens failed: %s", n, in,
+                       outl, why);
         bench_result_free(*res);
         *res = NULL;
     }
@@ -675,8 +666,10 @@ static int load_config(const char *spec, model_config *mc, loom_err *e)
         return model_config_preset(spec + 7, mc, e);
     struct stat st;
     if (stat(spec, &st) != 0)
-        return loom_errf(e, LOOM_ENOTFOUND, "model '%s' is not a directory, a config.json or "
-                                            "random:<preset>", spec);
+        return loom_errf(e, LOOM_ENOTFOUND,
+                         "model '%s' is not a directory, a config.json or "
+                         "random:<preset>",
+                         spec);
     char *path = S_ISDIR(st.st_mode) ? loom_path_join(spec, "config.json") : xstrdup(spec);
     int rc = model_config_load(path, mc, e);
     free(path);
@@ -705,59 +698,109 @@ static int parse_opts(int argc, char **argv, profile_opts *o, bool *help)
         const char *a = optarg;
         bool ok = true;
         switch (c) {
-        case OPT_URL: o->url = a; break;
-        case OPT_MODEL: o->model = a; break;
-        case OPT_BACKEND: o->backend = a; break;
-        case OPT_THREADS: ok = cli_parse_int(a, 1, 4096, &o->threads); threads_set = true; break;
-        case OPT_HOST: o->host = true; break;
-        case OPT_DEVICE: o->device = a; break;
-        case OPT_TP: ok = cli_parse_int(a, 1, 1024, &o->tp); break;
-        case OPT_CATALOG: o->catalog = a; break;
-        case OPT_OUT: o->out = a; break;
-        case OPT_NAME: o->name = a; ok = *a != 0; break;
-        case OPT_ANY_MODEL: o->any_model = true; break;
-        case OPT_MAX_PROMPT: ok = cli_parse_int(a, 1, 1 << 20, &o->max_prompt); break;
-        case OPT_MAX_BATCH: ok = cli_parse_int(a, 1, 1 << 16, &o->max_batch); break;
-        case OPT_MAX_CONTEXT: ok = cli_parse_int(a, 1, 1 << 20, &o->max_context); break;
-        case OPT_MAX_TOKENS: ok = cli_parse_int(a, 1, 1 << 24, &o->max_tokens); break;
-        case OPT_REPEAT: ok = cli_parse_int(a, 1, 64, &o->repeat); break;
-        case OPT_SEED: ok = cli_parse_int(a, 0, INT64_MAX, &o->seed); break;
-        case OPT_API_KEY: o->api_key = a; break;
-        case OPT_NO_PROGRESS: o->progress = false; break;
-        case OPT_QUIET: o->quiet = true; break;
-        case 'h': *help = true; return 0;
-        case ':': return usage_error("flag '%s' needs a value", argv[optind - 1]);
-        default: return usage_error("unknown flag '%s'", argv[optind - 1]);
+        case OPT_URL:
+            o->url = a;
+            break;
+        case OPT_MODEL:
+            o->model = a;
+            break;
+        case OPT_BACKEND:
+            o->backend = a;
+            break;
+        case OPT_THREADS:
+            ok = cli_parse_int(a, 1, 4096, &o->threads);
+            threads_set = true;
+            break;
+        case OPT_HOST:
+            o->host = true;
+            break;
+        case OPT_DEVICE:
+            o->device = a;
+            break;
+        case OPT_TP:
+            ok = cli_parse_int(a, 1, 1024, &o->tp);
+            break;
+        case OPT_CATALOG:
+            o->catalog = a;
+            break;
+        case OPT_OUT:
+            o->out = a;
+            break;
+        case OPT_NAME:
+            o->name = a;
+            ok = *a != 0;
+            break;
+        case OPT_ANY_MODEL:
+            o->any_model = true;
+            break;
+        case OPT_MAX_PROMPT:
+            ok = cli_parse_int(a, 1, 1 << 20, &o->max_prompt);
+            break;
+        case OPT_MAX_BATCH:
+            ok = cli_parse_int(a, 1, 1 << 16, &o->max_batch);
+            break;
+        case OPT_MAX_CONTEXT:
+            ok = cli_parse_int(a, 1, 1 << 20, &o->max_context);
+            break;
+        case OPT_MAX_TOKENS:
+            ok = cli_parse_int(a, 1, 1 << 24, &o->max_tokens);
+            break;
+        case OPT_REPEAT:
+            ok = cli_parse_int(a, 1, 64, &o->repeat);
+            break;
+        case OPT_SEED:
+            ok = cli_parse_int(a, 0, INT64_MAX, &o->seed);
+            break;
+        case OPT_API_KEY:
+            o->api_key = a;
+            break;
+        case OPT_NO_PROGRESS:
+            o->progress = false;
+            break;
+        case OPT_QUIET:
+            o->quiet = true;
+            break;
+        case 'h':
+            *help = true;
+            return 0;
+        case ':':
+            return cli_usage_error("profile", "flag '%s' needs a value", argv[optind - 1]);
+        default:
+            return cli_usage_error("profile", "unknown flag '%s'", argv[optind - 1]);
         }
         if (!ok) {
-            fprintf(stderr, "loom profile: invalid value '%s' for --%s\n", a,
-                    long_opts[c - OPT_URL].name);
-            fprintf(stderr, "Run 'loom profile --help' for the flags.\n");
-            return CLI_EXIT_USAGE;
+            return cli_usage_error("profile", "invalid value '%s' for --%s", a,
+                                   long_opts[c - OPT_URL].name);
         }
     }
     if (optind < argc)
-        return usage_error("unexpected argument '%s'", argv[optind]);
+        return cli_usage_error("profile", "unexpected argument '%s'", argv[optind]);
     int modes = (o->url != NULL) + (o->backend != NULL) + o->host;
     if (modes != 1)
-        return usage_error("%s", "give one of --url URL, --backend cpu (with --model) or --host");
+        return cli_usage_error("profile", "%s",
+                               "give one of --url URL, --backend cpu (with --model) or --host");
     if (o->host)
         return 0;
     if (!o->model)
-        return usage_error("%s", "--model is required: the model the instance serves (a Hugging "
-                                 "Face directory, config.json or random:<preset>)");
+        return cli_usage_error("profile", "%s",
+                               "--model is required: the model the instance serves (a Hugging "
+                               "Face directory, config.json or random:<preset>)");
     if (o->backend && strcmp(o->backend, "cpu"))
-        return usage_error("--backend '%s': only cpu runs in process (profile others with --url "
-                           "against `loom serve`)",
-                           o->backend);
+        return cli_usage_error(
+            "profile",
+            "--backend '%s': only cpu runs in process (profile others with --url "
+            "against `loom serve`)",
+            o->backend);
     if (o->backend && o->tp && o->tp != o->threads)
-        return usage_error("%s", "--tp with --backend cpu is --threads: give --threads");
+        return cli_usage_error("profile", "%s",
+                               "--tp with --backend cpu is --threads: give --threads");
     if (o->url && threads_set)
-        return usage_error("%s", "--threads is for --backend cpu (the server has its own)");
+        return cli_usage_error("profile", "%s",
+                               "--threads is for --backend cpu (the server has its own)");
     if (o->backend) {
         if (o->device && strcasecmp(o->device, "cpu"))
-            return usage_error("--device '%s': the CPU backend is the catalog's cpu device",
-                               o->device);
+            return cli_usage_error(
+                "profile", "--device '%s': the CPU backend is the catalog's cpu device", o->device);
         o->tp = o->threads;
     }
     if (!o->tp)
@@ -830,9 +873,9 @@ int cli_profile(int argc, char **argv)
     double t0 = loom_now();
     if (o.backend) {
         tensor_set_threads((int)o.threads);
-        rc = !strncmp(o.model, "random:", 7) ? model_create_random(o.model + 7, (uint64_t)o.seed,
-                                                                   &m, &e)
-                                             : model_load(o.model, &m, &e);
+        rc = !strncmp(o.model, "random:", 7)
+                 ? model_create_random(o.model + 7, (uint64_t)o.seed, &m, &e)
+                 : model_load(o.model, &m, &e);
         if (rc) {
             fprintf(stderr, "loom profile: %s\n", e.msg);
             exit_code = CLI_EXIT_USAGE;
@@ -857,8 +900,8 @@ int cli_profile(int argc, char **argv)
 
     perf_profile prof;
     double errs[PROFILE_MAX_STEPS];
-    if (perf_profile_fit(&pm, dev, (int)o.tp, o.any_model ? "" : name, steps, n_steps, NULL,
-                         &prof, errs, &e)) {
+    if (perf_profile_fit(&pm, dev, (int)o.tp, o.any_model ? "" : name, steps, n_steps, NULL, &prof,
+                         errs, &e)) {
         fprintf(stderr, "loom profile: fit: %s\n", e.msg);
         goto out;
     }
@@ -890,8 +933,8 @@ int cli_profile(int argc, char **argv)
     buf_init(&b);
     perf_profile_write(&prof, &b);
     char what[96];
-    snprintf(what, sizeof(what), "%s tp %lld, %d steps, fit error %.1f%%", dev->name, o.tp,
-             n_steps, 100 * prof.rel_rms);
+    snprintf(what, sizeof(what), "%s tp %lld, %d steps, fit error %.1f%%", dev->name, o.tp, n_steps,
+             100 * prof.rel_rms);
     exit_code = write_text(o.out, &b, what);
     buf_free(&b);
     if (exit_code == CLI_EXIT_OK && strcmp(o.out, "-"))

@@ -5,11 +5,11 @@
  */
 #include "cli.h"
 
+#include "loom/emulated.h"
 #include "loom/engine.h"
 #include "loom/model.h"
 #include "loom/server.h"
 #include "loom/tensor.h"
-#include "loom/emulated.h"
 #include "loom/tokenizer.h"
 
 #include <getopt.h>
@@ -152,14 +152,6 @@ static const char serve_help_text[] =
 "       -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n";
 /* clang-format on */
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom serve: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom serve --help' for the options.\n");
-    return CLI_EXIT_USAGE;
-}
-
 /* A failure after the flags were accepted: one line, the given exit code. */
 static int fail(int code, const char *msg)
 {
@@ -258,34 +250,35 @@ static int parse_opts(int argc, char **argv, serve_opts *o, bool *help)
             *help = true;
             return 0;
         case ':':
-            return usage_error("option '%s' needs a value", argv[optind - 1]);
+            return cli_usage_error("serve", "option '%s' needs a value", argv[optind - 1]);
         default:
-            return usage_error("unknown option '%s'", argv[optind - 1]);
+            return cli_usage_error("serve", "unknown option '%s'", argv[optind - 1]);
         }
         if (!ok) {
             /* long_opts is in enum order: c - OPT_MODEL indexes it */
-            fprintf(stderr, "loom serve: invalid value '%s' for --%s\n", a,
-                    long_opts[c - OPT_MODEL].name);
-            fprintf(stderr, "Run 'loom serve --help' for the options.\n");
-            return CLI_EXIT_USAGE;
+            return cli_usage_error("serve", "invalid value '%s' for --%s", a,
+                                   long_opts[c - OPT_MODEL].name);
         }
     }
     if (optind < argc)
-        return usage_error("unexpected argument '%s'", argv[optind]);
+        return cli_usage_error("serve", "unexpected argument '%s'", argv[optind]);
     if (!o->model)
-        return usage_error("%s", "--model is required (a Hugging Face directory or "
-                                 "random:<preset>, e.g. random:llama-tiny)");
+        return cli_usage_error("serve", "%s",
+                               "--model is required (a Hugging Face directory or "
+                               "random:<preset>, e.g. random:llama-tiny)");
     if (o->num_kv_blocks && o->kv_cache_memory)
-        return usage_error("%s", "give --num-kv-blocks or --kv-cache-memory, not both");
+        return cli_usage_error("serve", "%s",
+                               "give --num-kv-blocks or --kv-cache-memory, not both");
     if (strcmp(o->backend, "cpu") != 0 && strcmp(o->backend, "emulated") != 0)
-        return usage_error("backend '%s' is not available in this build (cpu or emulated)",
-                           o->backend);
+        return cli_usage_error(
+            "serve", "backend '%s' is not available in this build (cpu or emulated)", o->backend);
     bool emulated = !strcmp(o->backend, "emulated");
     if (emulated && !o->device)
-        return usage_error("%s", "--backend emulated needs --device (e.g. H100-80G; the catalog "
-                                 "is data/devices.yaml)");
+        return cli_usage_error("serve", "%s",
+                               "--backend emulated needs --device (e.g. H100-80G; the catalog "
+                               "is data/devices.yaml)");
     if (!emulated && (o->device || o->tp != 1))
-        return usage_error("%s", "--device and --tp are for --backend emulated");
+        return cli_usage_error("serve", "%s", "--device and --tp are for --backend emulated");
     return 0;
 }
 
@@ -392,8 +385,7 @@ int cli_serve(int argc, char **argv)
         int64_t cap = 0;
         if ((rc = engine_backend_emulated_capacity(mc, o.device, (int)o.tp, o.catalog,
                                                    (int)o.block_size, (int)o.max_num_seqs,
-                                                   (int)o.max_num_batched_tokens, 0.9, &cap,
-                                                   &e))) {
+                                                   (int)o.max_num_batched_tokens, 0.9, &cap, &e))) {
             exit_code = fail(CLI_EXIT_USAGE, e.msg);
             goto done;
         }
@@ -435,14 +427,13 @@ int cli_serve(int argc, char **argv)
 
     engine_backend backend;
     if (emulated) {
-        if ((rc = engine_backend_emulated_create(
-                 mc, o.device, (int)o.tp, o.catalog, (int)blocks, (int)o.block_size,
-                 (int)o.max_num_seqs, (int)o.max_num_batched_tokens, &backend, &e))) {
+        if ((rc = engine_backend_emulated_create(mc, o.device, (int)o.tp, o.catalog, (int)blocks,
+                                                 (int)o.block_size, (int)o.max_num_seqs,
+                                                 (int)o.max_num_batched_tokens, &backend, &e))) {
             exit_code = fail(CLI_EXIT_USAGE, e.msg);
             goto done;
         }
-    } else if ((rc = engine_backend_cpu_create(m, (int)blocks, (int)o.block_size, &backend,
-                                               &e))) {
+    } else if ((rc = engine_backend_cpu_create(m, (int)blocks, (int)o.block_size, &backend, &e))) {
         snprintf(msg, sizeof(msg), "KV cache of %lld blocks: %s", blocks, e.msg);
         exit_code = fail(CLI_EXIT_FAIL, msg);
         goto done;

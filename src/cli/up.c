@@ -42,10 +42,10 @@ typedef struct up_opts {
     const char *policy;
     const char *host; /* gateway */
     int port;
-    const char *bind;      /* local instances listen here */
-    int base_port;         /* remote instances: base + rank on their host */
-    const char *catalog;   /* for serve --catalog and planning */
-    const char *log_dir;   /* instance logs; NULL: stdout discarded, stderr shared */
+    const char *bind;    /* local instances listen here */
+    int base_port;       /* remote instances: base + rank on their host */
+    const char *catalog; /* for serve --catalog and planning */
+    const char *log_dir; /* instance logs; NULL: stdout discarded, stderr shared */
     double startup_timeout;
     double stop_timeout;
     long long cores;         /* no plan: cores of the cpu device */
@@ -164,14 +164,6 @@ static void on_stop_signal(int sig)
     stop_requested = 1;
 }
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "loom up: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\nRun 'loom up --help' for the options.\n");
-    return CLI_EXIT_USAGE;
-}
-
 static bool parse_double(const char *s, double lo, double hi, double *out)
 {
     char *end = NULL;
@@ -252,21 +244,20 @@ static int parse_opts(int argc, char **argv, up_opts *o, bool *help)
             *help = true;
             return 0;
         case ':':
-            return usage_error("option '%s' needs a value", argv[optind - 1]);
+            return cli_usage_error("up", "option '%s' needs a value", argv[optind - 1]);
         default:
-            return usage_error("unknown option '%s'", argv[optind - 1]);
+            return cli_usage_error("up", "unknown option '%s'", argv[optind - 1]);
         }
         if (!ok) {
-            fprintf(stderr, "loom up: invalid value '%s' for --%s\n", a,
-                    long_opts[ch - OPT_MODEL].name);
-            fprintf(stderr, "Run 'loom up --help' for the options.\n");
-            return CLI_EXIT_USAGE;
+            return cli_usage_error("up", "invalid value '%s' for --%s", a,
+                                   long_opts[ch - OPT_MODEL].name);
         }
     }
     if (optind < argc)
         o->plan = argv[optind++];
     if (optind < argc)
-        return usage_error("unexpected argument '%s' (one plan file at most)", argv[optind]);
+        return cli_usage_error("up", "unexpected argument '%s' (one plan file at most)",
+                               argv[optind]);
     return 0;
 }
 
@@ -401,9 +392,8 @@ static void format_command(const up_instance *u, char *out, size_t cap)
         const char *a = u->argv[i];
         bool plain = *a && strspn(a, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                      "0123456789-_./:=,+@") == strlen(a);
-        len += (size_t)snprintf(out + len, cap - len, i ? (plain ? " %s" : " '%s'")
-                                                        : (plain ? "%s" : "'%s'"),
-                                a);
+        len += (size_t)snprintf(out + len, cap - len,
+                                i ? (plain ? " %s" : " '%s'") : (plain ? "%s" : "'%s'"), a);
     }
 }
 
@@ -579,8 +569,9 @@ int cli_up(int argc, char **argv)
 
     if (o.plan) {
         if (plan_file_load(o.plan, &pf, &e)) {
-            fprintf(stderr, "loom up: %s: %s\nHINT: write a plan with `loom plan`, check it "
-                            "with `loom plan --check FILE`\n",
+            fprintf(stderr,
+                    "loom up: %s: %s\nHINT: write a plan with `loom plan`, check it "
+                    "with `loom plan --check FILE`\n",
                     o.plan, e.msg);
             return CLI_EXIT_USAGE;
         }
@@ -637,8 +628,9 @@ int cli_up(int argc, char **argv)
                 rank += !strcmp(pf.instances[j].host, in->host);
             u->port = o.base_port + rank;
             if (u->port > 65535) {
-                fprintf(stderr, "loom up: instance %d on %s would need port %d: lower "
-                                "--base-port\n",
+                fprintf(stderr,
+                        "loom up: instance %d on %s would need port %d: lower "
+                        "--base-port\n",
                         i, in->host, u->port);
                 rc = CLI_EXIT_USAGE;
                 goto out;
@@ -673,15 +665,13 @@ int cli_up(int argc, char **argv)
     }
 
     printf("loom up: %s, model %s, %d instance%s (predicted %.0f output tokens/s)\n",
-           o.plan ? o.plan : "this machine", model, n, n == 1 ? "" : "s",
-           pf.output_tokens_per_s);
+           o.plan ? o.plan : "this machine", model, n, n == 1 ? "" : "s", pf.output_tokens_per_s);
     for (int i = 0; i < n; i++) {
         char cmd[2048];
         format_command(&ins[i], cmd, sizeof(cmd));
         const plan_file_instance *in = &pf.instances[i];
         printf("  [%d] %s %s x%d at %s:%d  %s: %s\n", i, in->machine, in->device, in->tp,
-               ins[i].host, ins[i].port, ins[i].local ? "local" : "remote, run there",
-               cmd);
+               ins[i].host, ins[i].port, ins[i].local ? "local" : "remote, run there", cmd);
         n_local += ins[i].local;
     }
     fflush(stdout);
@@ -751,14 +741,15 @@ int cli_up(int argc, char **argv)
         rc = CLI_EXIT_FAIL;
         goto stop;
     }
-    const char *shown = !strcmp(o.host, "0.0.0.0") ? "127.0.0.1" : !strcmp(o.host, "::") ? "::1"
-                                                                                           : o.host;
+    const char *shown = !strcmp(o.host, "0.0.0.0") ? "127.0.0.1"
+                        : !strcmp(o.host, "::")    ? "::1"
+                                                   : o.host;
     bool v6 = strchr(shown, ':') != NULL;
     printf("loom up: %d local instance%s healthy%s; endpoint http://%s%s%s:%d/v1 (policy %s; "
            "Ctrl-C to stop)\n",
            n_local, n_local == 1 ? "" : "s",
-           n_local < n ? ", remote ones are admitted when they answer /health" : "",
-           v6 ? "[" : "", shown, v6 ? "]" : "", gateway_port(g), o.policy);
+           n_local < n ? ", remote ones are admitted when they answer /health" : "", v6 ? "[" : "",
+           shown, v6 ? "]" : "", gateway_port(g), o.policy);
     fflush(stdout);
     if (!stop_requested && gateway_run(g, &e)) {
         fprintf(stderr, "loom up: gateway: %s\n", e.msg);
@@ -768,9 +759,9 @@ int cli_up(int argc, char **argv)
 stop:
     stop_all(ins, n, o.stop_timeout);
     for (int i = 0; i < n; i++)
-        if (ins[i].local && ins[i].status && !(WIFSIGNALED(ins[i].status) &&
-                                               (WTERMSIG(ins[i].status) == SIGTERM ||
-                                                WTERMSIG(ins[i].status) == SIGINT))) {
+        if (ins[i].local && ins[i].status &&
+            !(WIFSIGNALED(ins[i].status) &&
+              (WTERMSIG(ins[i].status) == SIGTERM || WTERMSIG(ins[i].status) == SIGINT))) {
             char why[64];
             describe_exit(ins[i].status, why, sizeof(why));
             fprintf(stderr, "loom up: instance %d %s\n", i, why);
