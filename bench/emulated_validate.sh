@@ -11,10 +11,15 @@
 # Prediction: `loom plan` on a one-device cluster of each kind (tp 1): its kv_blocks and
 # max_batch start the instance (--num-kv-blocks, --max-num-seqs), its output tok/s is the
 # prediction (perf_estimate_instance, what --explain prints). Measured: `loom bench --batch N`
-# (N = FACTOR x batch), output tokens/s (1) in the steady window — from the first request's end
-# (the first wave done) to the last request's first token (the last wave started): the steady
-# state the model describes — and (2) over the whole makespan (ramp-up and drain included).
-# CPU: utime + stime from /proc/PID/stat of each server over the run, and of the bench client.
+# (N = FACTOR x batch), non-streaming by default (NO_STREAM=0 streams: the per-token SSE work of
+# server and client is then part of what is measured), output tokens/s (1) in the steady window
+# -- completions from the first request's end (the first wave done) to the last end less the
+# same ramp (the drain): the steady state the model describes -- and (2) over the whole makespan
+# (ramp-up and drain included).
+# CPU: a sampler reads utime + stime from /proc/PID/stat of every server and of the load
+# generator, and the host's busy time from /proc/stat, every 0.5 s; the together table reports
+# them over the window in which all instances are serving (until the first instance finishes),
+# not over the whole run (the fast instances finish long before the slow ones). Needs python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOOM=${LOOM_BIN:-build/loom}
@@ -24,6 +29,10 @@ OUT=${OUT:-128}
 FACTOR=${FACTOR:-4}
 DEVICES=${DEVICES:-"H100-80G V100-32G"}
 GROUP=${GROUP:-4} # instances of each device in the together run
+NO_STREAM=${NO_STREAM:-1}
+STREAM_FLAG=()
+[ "$NO_STREAM" = 1 ] && STREAM_FLAG=(--no-stream)
+command -v python3 >/dev/null || { echo "emulated_validate: needs python3" >&2; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/loom-emuval.XXXXXX")
 PIDS=()
 cleanup() {
@@ -71,18 +80,34 @@ start() {
     printf -v "PID_$name" '%s' "$pid"
 }
 
-# steady JSON TARGET -> "steady_tok_s whole_tok_s"
+# rates JSON TARGET -> "steady_tok_s whole_tok_s"
 rates() {
-    jq -r --argjson t "$2" '
-        [.requests[] | select(.target == $t and (.error == null or .error == "ok"))] as $r
-        | ($r | map(.end_s) | min) as $a
-        | ($r | map(.start_s + .ttft_s) | max) as $b
-        | ($r | map(.end_s) | max) as $last
-        | ($r | map(.start_s) | min) as $begin
-        | ([$r[] | (.start_s + .ttft_s) as $f | ([foreach .itl_s[] as $g ($f; . + $g)] + [$f])[]
-            | select(. > $a and . <= $b)] | length) as $steady
-        | ($r | map(.output_tokens) | add) as $all
-        | "\(if $b > $a then $steady / ($b - $a) else $all / ($last - $begin) end) \($all / ($last - $begin))"' "$1"
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+r = [q for q in json.load(open(sys.argv[1]))["requests"]
+     if q["target"] == int(sys.argv[2]) and q.get("error") in (None, "ok")]
+begin = min(q["start_s"] for q in r)
+ends = sorted(q["end_s"] for q in r)
+allt = sum(q["output_tokens"] for q in r)
+a = ends[0]
+b = ends[-1] - (a - begin)  # the drain is as long as the ramp
+steady = sum(q["output_tokens"] for q in r if a < q["end_s"] <= b)
+whole = allt / (ends[-1] - begin)
+print("%.1f %.1f" % (steady / (b - a) if b > a else whole, whole))
+EOF
+}
+
+# sampler FILE PIDS...: every 0.5 s "time host_busy host_all pid:ticks ..." until killed
+sampler() {
+    local f=$1
+    shift
+    while :; do
+        local line p
+        line="$(date +%s.%N) $(awk '/^cpu / {b = $2 + $3 + $4 + $7 + $8; print b, b + $5 + $6; exit}' /proc/stat)"
+        for p in "$@"; do line+=" $p:$(cpu_ticks "$p")"; done
+        echo "$line" >>"$f"
+        sleep 0.5
+    done
 }
 
 # run LABEL NAMES...: one bench over every named instance at once (--interleave requests)
@@ -98,23 +123,59 @@ run() {
         local p="PID_$name"
         before+=("$(cpu_ticks "${!p}")")
     done
+    local spids=()
+    for name in "$@"; do
+        local p="PID_$name"
+        spids+=("${!p}")
+    done
     t0=$(date +%s.%N)
-    /usr/bin/time -f '%U %S' -o "$WORK/time-$label" "$LOOM" bench "${args[@]}" --interleave requests \
+    "$LOOM" bench "${args[@]}" --interleave requests "${STREAM_FLAG[@]}" \
         --input-len "$IN" --output-len "$OUT" --batch "$NREQ" --prompt-mode ids --no-progress --quiet \
-        --out "$WORK/bench-$label.json" >/dev/null 2>>"$WORK/log" || die "bench $label: $(tail -2 "$WORK/log")"
+        --out "$WORK/bench-$label.json" >/dev/null 2>>"$WORK/log" &
+    local bpid=$!
+    sampler "$WORK/cpu-$label" "${spids[@]}" "$bpid" &
+    local sp=$!
+    wait "$bpid" || { kill "$sp"; die "bench $label: $(tail -2 "$WORK/log")"; }
+    kill "$sp" 2>/dev/null
+    wait "$sp" 2>/dev/null
     t1=$(date +%s.%N)
+    # CPU over the window in which every instance serves: bench start .. first instance done
+    python3 - "$WORK/cpu-$label" "$WORK/bench-$label.json" "$t0" "$TCK" "$bpid" "${spids[@]}" \
+        >"$WORK/cpuwin-$label" <<'EOF'
+import json, sys
+f, js, t0, tck, bpid = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+servers = sys.argv[6:]
+last = {}
+for q in json.load(open(js))["requests"]:
+    last[q["target"]] = max(last.get(q["target"], 0), q["end_s"])
+t_end = t0 + min(last.values())
+rows = []
+for line in open(f):
+    p = line.split()
+    rows.append((float(p[0]), float(p[1]), float(p[2]), dict(x.split(":") for x in p[3:])))
+win = [r for r in rows if r[0] <= t_end] or rows[:2]
+a, b = rows[0], win[-1]
+dt = max(b[0] - a[0], 1e-9)
+pct = lambda pid: 100 * (float(b[3].get(pid, 0)) - float(a[3].get(pid, 0))) / tck / dt
+print("window %.1f" % dt)
+print("host %.1f" % (100 * (b[1] - a[1]) / max(b[2] - a[2], 1e-9)))
+print("client %.1f" % pct(bpid))
+for s in servers:
+    print("server %s %.1f" % (s, pct(s)))
+EOF
     local i=0
     for name in "$@"; do
         local p="PID_$name"
         local cpu
         cpu=$(awk -v a="${before[$i]}" -v b="$(cpu_ticks "${!p}")" -v t="$TCK" -v w="$(awk -v x="$t0" -v y="$t1" 'BEGIN {print y - x}')" \
             'BEGIN {printf "%.1f", 100 * (b - a) / t / w}')
-        echo "$label $name $i $(rates "$WORK/bench-$label.json" "$i") $cpu" >>"$WORK/results"
+        local wcpu
+        wcpu=$(awk -v p="${!p}" '$1 == "server" && $2 == p {print $3}' "$WORK/cpuwin-$label")
+        echo "$label $name $i $(rates "$WORK/bench-$label.json" "$i") $cpu $wcpu" >>"$WORK/results"
         i=$((i + 1))
     done
-    local client
-    client=$(awk -v w="$(awk -v x="$t0" -v y="$t1" 'BEGIN {print y - x}')" '{printf "%.1f", 100 * ($1 + $2) / w}' "$WORK/time-$label")
-    echo "$label client $client" >>"$WORK/client"
+    # label client_cpu host_busy window_s (over the all-serving window)
+    echo "$label $(awk '$1 == "client" {c = $2} $1 == "host" {h = $2} $1 == "window" {w = $2} END {print c, h, w}' "$WORK/cpuwin-$label")" >>"$WORK/client"
 }
 
 # ---- (a) each device alone
@@ -151,17 +212,18 @@ done
 echo
 echo "All $((${#together[@]})) together (one load generator, every request sent to every instance at once):"
 echo
-echo "| instance | predicted | alone, steady | together, steady | together / alone | server CPU |"
-echo "|---|---:|---:|---:|---:|---:|"
-while read -r _ name _ steady _ cpu; do
+echo "| instance | predicted | alone, steady | together, steady | together / alone | server CPU, whole run | server CPU, all serving |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+while read -r _ name _ steady _ cpu wcpu; do
     dev=${name%_*}
     dev=${dev//_/-}
     alone=$(awk -v d="alone-$dev" '$1 == d {print $4}' "$WORK/results")
-    awk -v n="$name" -v p="${PRED[$dev]}" -v a="$alone" -v s="$steady" -v c="$cpu" \
-        'BEGIN {printf "| %s | %.0f | %.0f | %.0f | %.3f | %s%% of a core |\n", n, p, a, s, s / a, c}'
+    awk -v n="$name" -v p="${PRED[$dev]}" -v a="$alone" -v s="$steady" -v c="$cpu" -v w="$wcpu" \
+        'BEGIN {printf "| %s | %.0f | %.0f | %.0f | %.3f | %s%% of a core | %s%% of a core |\n", n, p, a, s, s / a, c, w}'
 done < <(grep '^together ' "$WORK/results")
 echo
-total_cpu=$(awk '$1 == "together" {s += $6} END {printf "%.0f", s}' "$WORK/results")
-echo "Host CPU during the together run: servers $total_cpu% of one core in all, load generator $(awk '$1 == "together" {print $3}' "$WORK/client")% (the host has $(nproc) cores = $(($(nproc) * 100))%)."
-echo "Alone runs, load generator: $(awk '$1 != "together" {printf "%s %s%%; ", $1, $3}' "$WORK/client")"
+total_cpu=$(awk '$1 == "together" {s += $7} END {printf "%.0f", s}' "$WORK/results")
+read -r _ ccpu hbusy win < <(grep '^together ' "$WORK/client")
+echo "While all $((${#together[@]})) served (${win} s): servers $total_cpu% of one core in all, load generator ${ccpu}%, host busy ${hbusy}% of its $(nproc) cores (every process, ours and others')."
+echo "Alone runs (load generator CPU, host busy): $(awk '$1 != "together" {printf "%s %s%%, %s%%; ", $1, $2, $3}' "$WORK/client")"
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp -r "$WORK"/. "$KEEP"/; fi

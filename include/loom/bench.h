@@ -316,6 +316,8 @@ typedef struct bench_config {
     const tokenizer *tok; /* BENCH_PROMPTS_TOKENIZER */
     int32_t id_lo, id_hi; /* token-id prompts */
     bool min_tokens;      /* send min_tokens = max_tokens as well as ignore_eos */
+    bool no_stream;       /* "stream": false: one JSON body per request, no per-token chunks
+                             (TTFT and ITL are not measured; throughput and E2E latency are) */
 
     int rounds;
     bench_interleave interleave;

@@ -5,8 +5,10 @@
  *   model cost       weight bytes, KV bytes per token, FLOPs and bytes moved per step
  *   memory model     weights/TP + reserve must fit in utilization x memory; the rest is KV
  *   latency model    step time = overhead + c_prefill*FLOPs(prompt tokens)/rate
- *                               + c_decode*FLOPs(decode tokens)/rate + c_memory*bytes/bandwidth
- *                               + c_comm*all-reduce(alpha-beta), fitted by least squares; linear
+ *                               + c_decode*FLOPs(decode tokens, matmuls)/rate
+ *                               + c_attention*FLOPs(decode attention over the cache)/rate
+ *                               + c_memory*bytes/bandwidth + c_comm*all-reduce(alpha-beta)
+ *                               + host_token*sampled tokens, fitted by least squares; linear
  *                               in a step's composition, so mixed continuous-batching steps add up
  *   throughput       steady-state tokens/s of an instance at the batch its KV capacity allows
  *
@@ -26,16 +28,24 @@
 /* ---------------------------------------------------------------- latency coefficients */
 
 /* step seconds = overhead + compute_prefill * t_compute_prefill + compute_decode *
- * t_compute_decode + memory * t_memory + comm * t_comm, where the t_ terms are the ideal
- * roofline times (efficiency 1). compute_prefill = 1/0.6 means prompt GEMMs reach 60% of peak.
- * Prompt and decode tokens get their own compute efficiency (GEMM vs GEMV-like shapes); memory
- * traffic, communication and the per-step overhead are shared. */
+ * t_compute_decode + attention * t_attention + memory * t_memory + comm * t_comm
+ * + host_token * sampled, where the t_ terms are the ideal roofline times (efficiency 1).
+ * compute_prefill = 1/0.6 means prompt GEMMs reach 60% of peak. Prompt and decode tokens get
+ * their own compute efficiency (GEMM vs GEMV-like shapes); decode attention over the cached
+ * context gets a third (on a GPU its cost is the KV read, inside memory, and the default equals
+ * compute_decode; on a CPU the per-position dot products are compute-bound and grow with the
+ * context much faster than the KV bytes). host_token is host time per sampled token that does
+ * not scale with the device (detokenising, streaming a chunk to the client): 0 by default, it
+ * matters where the host is the device (a 1-core CPU instance). Memory traffic, communication
+ * and the per-step overhead are shared. */
 typedef struct perf_coef {
     double overhead; /* seconds per step (scheduling, launches, sampling) */
     double compute_prefill;
     double compute_decode;
     double memory;
     double comm;
+    double attention;  /* decode attention FLOPs (QK^T, PV over the cached context) */
+    double host_token; /* seconds per sampled token */
 } perf_coef;
 
 /* The built-in defaults, used when neither the catalog nor a profile gives coefficients. */
@@ -137,7 +147,9 @@ typedef struct perf_terms {
     double comm_bytes;                          /* all-reduce payload per device */
     int comm_steps;                             /* all-reduce steps (alpha terms) */
     double t_compute;                           /* flops / rate */
-    double t_compute_prefill, t_compute_decode; /* its split by token kind */
+    double t_compute_prefill, t_compute_decode; /* its split by token kind; decode without */
+    double t_attention; /* decode attention over the cache: 4 H hd L (ctx + 1) / rate */
+    double sampled;     /* tokens sampled (decode sequences + prompts that end here) */
     double t_memory;                            /* (weights + kv + act) / bandwidth */
     double t_comm; /* sum of ring all-reduces by the alpha-beta link model */
 } perf_terms;
@@ -267,9 +279,10 @@ typedef struct perf_profile {
 /*
  * The lightweight profiling grid `loom profile` times (a few dozen steps): pure prompt steps of
  * 1, 2 and 4 prompts of 64..max_prompt tokens (chunks of at most max_tokens) and pure decode
- * steps of 1..max_batch sequences at 128..max_context cached tokens each (powers of 4 between).
- * Writes at most cap steps to out; returns how many the full grid has (about 25 for 2048-token
- * prompts, batch 256 and 4096-token contexts).
+ * steps of 1..max_batch sequences (powers of 4 between) at max_context cached tokens each and
+ * at its quarters down to 8 tokens, four contexts at most. Writes at most cap steps to out;
+ * returns how many the full grid has (29 for 2048-token prompts, batch 256 and 4096-token
+ * contexts).
  */
 int perf_profile_grid(int max_prompt, int max_tokens, int max_batch, int max_context,
                       perf_step *out, int cap);

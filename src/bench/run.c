@@ -347,7 +347,10 @@ static void build_body(run_state *rs, int target, const bench_item *item, uint64
     buf_printf(b, "\"max_tokens\":%d,\"ignore_eos\":true,", item->output_len);
     if (rs->cfg->min_tokens)
         buf_printf(b, "\"min_tokens\":%d,", item->output_len);
-    buf_puts(b, "\"temperature\":0,\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
+    if (rs->cfg->no_stream)
+        buf_puts(b, "\"temperature\":0,\"stream\":false}");
+    else
+        buf_puts(b, "\"temperature\":0,\"stream\":true,\"stream_options\":{\"include_usage\":true}}");
     bench_prompt_free(&pr);
 }
 

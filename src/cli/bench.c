@@ -41,6 +41,7 @@ enum {
     OPT_TOKENIZER,
     OPT_TOKEN_IDS,
     OPT_NO_MIN_TOKENS,
+    OPT_NO_STREAM,
     OPT_ROUNDS,
     OPT_INTERLEAVE,
     OPT_SLO,
@@ -79,6 +80,7 @@ static const struct option long_opts[] = {
     {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
     {"token-ids", required_argument, NULL, OPT_TOKEN_IDS},
     {"no-min-tokens", no_argument, NULL, OPT_NO_MIN_TOKENS},
+    {"no-stream", no_argument, NULL, OPT_NO_STREAM},
     {"rounds", required_argument, NULL, OPT_ROUNDS},
     {"interleave", required_argument, NULL, OPT_INTERLEAVE},
     {"slo", required_argument, NULL, OPT_SLO},
@@ -148,6 +150,9 @@ static const char bench_help_text[] =
 "  --tokenizer DIR            a Hugging Face tokenizer directory (tokenizer.json)\n"
 "  --token-ids LO-HI          token-id prompts draw ids from [LO, HI) (16-256)\n"
 "  --no-min-tokens            do not send min_tokens (for servers that reject it)\n"
+"  --no-stream                \"stream\": false: one JSON body per request instead of a chunk\n"
+"                             per token (least client and server work per token, for\n"
+"                             saturating throughput runs; TTFT and ITL are not measured)\n"
 "\n"
 "comparison:\n"
 "  --rounds R                 repeat the workload R times per target (1); round r uses the\n"
@@ -334,6 +339,9 @@ int cli_bench(int argc, char **argv)
         }
         case OPT_NO_MIN_TOKENS:
             cfg.min_tokens = false;
+            break;
+        case OPT_NO_STREAM:
+            cfg.no_stream = true;
             break;
         case OPT_ROUNDS:
             if (!cli_parse_int(optarg, 1, 1000, &v))

@@ -93,9 +93,10 @@ static const char profile_help_text[] =
 "       loom profile --host [--out FILE]\n"
 "\n"
 "Times a small grid of batches (a few dozen: prompt steps of 1, 2 and 4 prompts of 64 tokens\n"
-"up to --max-prompt; decode steps of 1, 4, 16, ... --max-batch sequences at 128, 1024 and\n"
-"--max-context cached tokens) on one instance, fits the latency model's coefficients by least\n"
-"squares and writes them, with the fit's error, as a profile for `loom plan --profiles DIR`.\n"
+"up to --max-prompt; decode steps of 1, 4, 16, ... --max-batch sequences at --max-context\n"
+"cached tokens and its quarters down to 8) on one instance, fits the latency model's\n"
+"coefficients by least squares and writes them, with the fit's error, as a profile for\n"
+"`loom plan --profiles DIR`.\n"
 "See docs/planner.md.\n"
 "\n"
 "where the batches run:\n"
@@ -173,6 +174,29 @@ static void progress_end(progress *p)
 {
     if (p->on)
         fprintf(stderr, "\r%*s\r", 80, "");
+}
+
+/* The fit error of the model without its decode-attention and per-token terms (decode
+ * attention counted at the decode tokens' efficiency, no host cost per token): what the step
+ * times would be fitted to before those terms existed, reported beside the full fit. */
+static double roofline_only_error(const perf_model *pm, const perf_device *dev, int tp,
+                                  const perf_timed_step *steps, int n)
+{
+    perf_sample *smp = xmalloc(sizeof(*smp) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        perf_step_terms(pm, dev, tp, &steps[i].step, &smp[i].terms);
+        smp[i].terms.t_compute_decode += smp[i].terms.t_attention;
+        smp[i].terms.t_attention = 0;
+        smp[i].terms.sampled = 0;
+        smp[i].seconds = steps[i].seconds;
+    }
+    perf_coef prior = dev->coef, got;
+    double err = NAN;
+    loom_err e;
+    if (perf_fit(smp, n, &prior, &got, &err, &e))
+        err = NAN;
+    free(smp);
+    return err;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -919,10 +943,14 @@ int cli_profile(int argc, char **argv)
         }
         printf("(decode rows: tokens = cached context per sequence)\n");
         const perf_coef *c = &prof.coef;
+        printf("without the attention and per-token terms (decode attention at the decode "
+               "tokens' efficiency, no host cost per token) the fit error would be %.1f%%\n",
+               100 * roofline_only_error(&pm, dev, (int)o.tp, steps, n_steps));
         printf("fitted on %d steps in %.1f s: overhead %.3f ms, compute_prefill %.3f, "
-               "compute_decode %.3f, memory %.3f, comm %.3f; relative RMS error %.1f%%\n",
-               n_steps, wall, c->overhead * 1e3, c->compute_prefill, c->compute_decode, c->memory,
-               c->comm, 100 * prof.rel_rms);
+               "compute_decode %.3f, attention %.3f, memory %.3f, comm %.3f, host_token "
+               "%.4f ms; relative RMS error %.1f%%\n",
+               n_steps, wall, c->overhead * 1e3, c->compute_prefill, c->compute_decode,
+               c->attention, c->memory, c->comm, c->host_token * 1e3, 100 * prof.rel_rms);
     }
     if (!o.out) {
         snprintf(outbuf, sizeof(outbuf), "profile-%s-tp%lld%s%s.yaml", dev->name, o.tp,

@@ -34,7 +34,8 @@ typedef struct emu_backend {
     int32_t *spike;         /* (rows_cap) spike position per row, -1 none */
     int rows_cap;
     double overshoot;   /* EMA of how late the sleeps wake, subtracted from deadlines */
-    double last_return; /* when forward last returned (0 before the first step) */
+    double last_return;   /* when forward last returned (0 before the first step) */
+    double last_deadline; /* modelled end of the previous step (0 before the first) */
     emulated_stats stats;
 } emu_backend;
 
@@ -140,16 +141,17 @@ static int emu_forward(void *ctx, const model_batch *b, float *logits, loom_err 
     }
 
     /* The modelled time covers the whole step, the engine's own scheduling and sampling
-     * included (the overhead coefficient). The host time the engine spent since the previous
-     * step returned is the best estimate of what it will spend after this one, so it comes off
-     * the sleep: the step period stays the modelled one until the host itself is slower.
-     * A gap far longer than a step is idleness (no work), not engine time. */
+     * included (the overhead coefficient), so step k ends at end(k-1) + secs: deadlines are
+     * chained from the previous deadline, not from when the previous sleep woke, and a late
+     * wake-up (timer slack, a busy core) is taken out of the next step instead of adding up
+     * over thousands of steps. A gap far longer than a step is idleness (no work), not engine
+     * time: the chain restarts there. A host slower than the model (the deadline already past)
+     * restarts it too, so no debt is paid back by a burst of short steps later. */
     double gap = eb->last_return > 0 ? t0 - eb->last_return : 0;
-    if (gap < 0 || gap > 10 * secs + 0.05)
-        gap = 0;
-    else if (gap > secs)
-        gap = secs; /* the host is the bottleneck: do not sleep at all */
-    double deadline = t0 + secs - gap;
+    double anchor = eb->last_deadline > 0 && gap >= 0 && gap <= 10 * secs + 0.05
+                        ? eb->last_deadline
+                        : t0;
+    double deadline = anchor + secs;
     double now = mono_now();
     if (deadline - eb->overshoot > now) {
         sleep_until(deadline - eb->overshoot);
@@ -157,7 +159,12 @@ static int emu_forward(void *ctx, const model_batch *b, float *logits, loom_err 
         eb->overshoot = 0.9 * eb->overshoot + 0.1 * late;
         if (eb->overshoot > 1e-3) /* never trust more than 1 ms of correction */
             eb->overshoot = 1e-3;
+        if (eb->overshoot < 0)
+            eb->overshoot = 0;
+    } else if (deadline < now) {
+        deadline = now; /* host-bound step: restart the chain here */
     }
+    eb->last_deadline = deadline;
     eb->last_return = mono_now();
     eb->stats.steps++;
     eb->stats.modelled_seconds += secs;

@@ -8,6 +8,8 @@
  *
  *   FLOPs      2 T (attention + dense MLP + k experts + shared) params + 2 n_logits V d
  *              + 4 H hd L attn_pairs                       (QK^T and PV, 2 FLOPs per MAC)
+ *              the decode tokens' attention pairs are a term of their own (t_attention): on a
+ *              CPU they are dot products over the cache, not GEMMs
  *   weights    every non-expert weight once per step; of each MoE layer's E experts, the
  *              expected number touched by T tokens under uniform routing,
  *              E (1 - (1 - k/E)^T)
@@ -162,8 +164,10 @@ void perf_step_terms(const perf_model *pm, const perf_device *dev, int tp, const
                     (double)pm->n_moe_layers * pm->n_experts_per_tok * pm->params_expert;
     double flops_prefill =
         2 * P * active + 2 * s->prefill_logits * pm->params_lm_head + 4 * q * L * s->prefill_pairs;
-    double flops_decode = 2 * D * active + 2 * D * pm->params_lm_head + 4 * q * L * decode_pairs;
-    out->flops = (flops_prefill + flops_decode) / t;
+    double flops_decode = 2 * D * active + 2 * D * pm->params_lm_head;
+    double flops_attn = 4 * q * L * decode_pairs;
+    out->flops = (flops_prefill + flops_decode + flops_attn) / t;
+    out->sampled = logits;
 
     double touched = experts_touched(pm->n_experts, pm->n_experts_per_tok, T);
     double weights = pm->params_attn + pm->params_dense_mlp + pm->params_shared +
@@ -186,14 +190,16 @@ void perf_step_terms(const perf_model *pm, const perf_device *dev, int tp, const
     }
     out->t_compute_prefill = flops_prefill / t / dev->flops;
     out->t_compute_decode = flops_decode / t / dev->flops;
-    out->t_compute = out->t_compute_prefill + out->t_compute_decode;
+    out->t_attention = flops_attn / t / dev->flops;
+    out->t_compute = out->t_compute_prefill + out->t_compute_decode + out->t_attention;
     out->t_memory = (out->weight_bytes + out->kv_bytes + out->act_bytes) / dev->mem_bw;
 }
 
 double perf_coef_apply(const perf_coef *c, const perf_terms *t)
 {
     return c->overhead + c->compute_prefill * t->t_compute_prefill +
-           c->compute_decode * t->t_compute_decode + c->memory * t->t_memory + c->comm * t->t_comm;
+           c->compute_decode * t->t_compute_decode + c->attention * t->t_attention +
+           c->memory * t->t_memory + c->comm * t->t_comm + c->host_token * t->sampled;
 }
 
 bool perf_tp_valid(const perf_model *pm, const perf_device *dev, int tp, char *why, size_t cap)

@@ -24,7 +24,9 @@ void perf_coef_default(perf_coef *c)
                      .compute_prefill = 1.0 / 0.6,
                      .compute_decode = 1.0 / 0.5,
                      .memory = 1.0 / 0.75,
-                     .comm = 1.0 / 0.6};
+                     .comm = 1.0 / 0.6,
+                     .attention = 1.0 / 0.5,
+                     .host_token = 0};
 }
 
 int perf_coef_from_yaml(perf_yaml *y, yaml_node_t *map, const char *ctx, perf_coef *c,
@@ -32,10 +34,12 @@ int perf_coef_from_yaml(perf_yaml *y, yaml_node_t *map, const char *ctx, perf_co
 {
     if (!map)
         return LOOM_OK;
-    static const char *const keys[] = {
-        "overhead_s", "compute_prefill", "compute_decode", "memory", "comm", NULL};
-    static const char *const keys_err[] = {
-        "overhead_s", "compute_prefill", "compute_decode", "memory", "comm", "rel_rms_error", NULL};
+    static const char *const keys[] = {"overhead_s", "compute_prefill", "compute_decode",
+                                       "memory",     "comm",            "attention",
+                                       "host_token_s", NULL};
+    static const char *const keys_err[] = {"overhead_s",   "compute_prefill", "compute_decode",
+                                           "memory",       "comm",            "attention",
+                                           "host_token_s", "rel_rms_error",   NULL};
     int rc;
     if ((rc = perf_yaml_expect_map(y, map, ctx, e)) ||
         (rc = perf_yaml_check_keys(y, map, rel_rms ? keys_err : keys, ctx, e)) ||
@@ -45,7 +49,14 @@ int perf_coef_from_yaml(perf_yaml *y, yaml_node_t *map, const char *ctx, perf_co
         (rc = perf_yaml_number(y, map, "compute_decode", false, c->compute_decode, 0, 1e6,
                                &c->compute_decode, e)) ||
         (rc = perf_yaml_number(y, map, "memory", false, c->memory, 0, 1e6, &c->memory, e)) ||
-        (rc = perf_yaml_number(y, map, "comm", false, c->comm, 0, 1e6, &c->comm, e)))
+        (rc = perf_yaml_number(y, map, "comm", false, c->comm, 0, 1e6, &c->comm, e)) ||
+        (rc = perf_yaml_number(y, map, "host_token_s", false, c->host_token, 0, 60,
+                               &c->host_token, e)))
+        return rc;
+    /* Without an attention figure (files written before the term existed) decode attention
+     * keeps the decode tokens' efficiency: the model those files were fitted with. */
+    if ((rc = perf_yaml_number(y, map, "attention", false, c->compute_decode, 0, 1e6,
+                               &c->attention, e)))
         return rc;
     if (rel_rms)
         rc = perf_yaml_number(y, map, "rel_rms_error", false, 0, 0, 1e6, rel_rms, e);
@@ -110,15 +121,20 @@ int perf_profile_grid(int max_prompt, int max_tokens, int max_batch, int max_con
         if (len >= max_prompt)
             break;
     }
-    /* decodes: batch 1, 4, 16, ... max_batch at 128, 1024 and max_context cached tokens each
-     * (those not above max_context, without repeats) */
-    int ctxs[3], n_ctx = 0;
-    if (max_context >= 128)
-        ctxs[n_ctx++] = 128;
-    if (max_context >= 1024)
-        ctxs[n_ctx++] = 1024;
-    if (max_context >= 1 && (n_ctx == 0 || max_context > ctxs[n_ctx - 1]))
+    /* decodes: batch 1, 4, 16, ... max_batch at up to four contexts per sequence: max_context
+     * and its quarters down to 8 tokens (4096: 64, 256, 1024, 4096). The contexts are the
+     * workload's, not fixed ones, so that the decode attention term is fitted where it is used
+     * and its slope is seen over a 4x-64x range. */
+    int ctxs[4], n_ctx = 0;
+    for (int c = max_context; c >= 8 && n_ctx < 4; c /= 4)
+        ctxs[n_ctx++] = c;
+    if (n_ctx == 0 && max_context >= 1)
         ctxs[n_ctx++] = max_context;
+    for (int i = 0; i < n_ctx / 2; i++) { /* ascending */
+        int t = ctxs[i];
+        ctxs[i] = ctxs[n_ctx - 1 - i];
+        ctxs[n_ctx - 1 - i] = t;
+    }
     for (int batch = 1; max_batch >= 1;
          batch = batch * 4 < max_batch && batch * 4 > batch ? batch * 4 : max_batch) {
         for (int c = 0; c < n_ctx; c++) {
@@ -188,7 +204,9 @@ void perf_profile_write(const perf_profile *p, loom_buf *b)
     buf_puts(b, "# loom latency profile: step seconds = overhead_s\n"
                 "#   + compute_prefill * FLOPs(prompt tokens)/peak + compute_decode * "
                 "FLOPs(decode tokens)/peak\n"
-                "#   + memory * bytes/bandwidth + comm * all-reduce time (docs/planner.md)\n");
+                "#   + attention * FLOPs(decode attention over the cache)/peak\n"
+                "#   + memory * bytes/bandwidth + comm * all-reduce time\n"
+                "#   + host_token_s * sampled tokens (docs/planner.md)\n");
     buf_puts(b, "device: ");
     perf_yaml_quote(b, p->device);
     buf_printf(b, "\ntp: %d\n", p->tp);
@@ -199,17 +217,19 @@ void perf_profile_write(const perf_profile *p, loom_buf *b)
     }
     buf_printf(b, "samples: %d\n", p->n_samples);
     const perf_coef *c = &p->coef;
-    char o[32], cp[32], cd[32], m[32], cm[32], r[32];
+    char o[32], cp[32], cd[32], m[32], cm[32], at[32], ht[32], r[32];
     perf_fmt_double(c->overhead, o, sizeof(o));
     perf_fmt_double(c->compute_prefill, cp, sizeof(cp));
     perf_fmt_double(c->compute_decode, cd, sizeof(cd));
     perf_fmt_double(c->memory, m, sizeof(m));
     perf_fmt_double(c->comm, cm, sizeof(cm));
+    perf_fmt_double(c->attention, at, sizeof(at));
+    perf_fmt_double(c->host_token, ht, sizeof(ht));
     perf_fmt_double(p->rel_rms, r, sizeof(r));
     buf_printf(b,
                "coefficients: {overhead_s: %s, compute_prefill: %s, compute_decode: %s, "
-               "memory: %s, comm: %s, rel_rms_error: %s}\n",
-               o, cp, cd, m, cm, r);
+               "memory: %s, comm: %s, attention: %s, host_token_s: %s, rel_rms_error: %s}\n",
+               o, cp, cd, m, cm, at, ht, r);
 }
 
 static bool has_ext(const char *name, const char *ext)

@@ -152,10 +152,11 @@ static void explain_step(loom_buf *b, const perf_setup *s, const perf_step *st, 
     buf_printf(
         b,
         "  compute  %.4g FLOP/device / %.4g FLOP/s: prompt %.4f ms x %.3f + decode %.4f "
-        "ms x %.3f = %.4f ms\n",
+        "ms x %.3f + decode attention %.4f ms x %.3f = %.4f ms\n",
         t.flops, s->device->flops, 1e3 * t.t_compute_prefill, c->compute_prefill,
-        1e3 * t.t_compute_decode, c->compute_decode,
-        1e3 * (c->compute_prefill * t.t_compute_prefill + c->compute_decode * t.t_compute_decode));
+        1e3 * t.t_compute_decode, c->compute_decode, 1e3 * t.t_attention, c->attention,
+        1e3 * (c->compute_prefill * t.t_compute_prefill + c->compute_decode * t.t_compute_decode +
+               c->attention * t.t_attention));
     buf_printf(b,
                "  memory   weights %s + KV %s + activations %s per device / %.4g B/s "
                "= %.4f ms x %.3f = %.4f ms\n",
@@ -170,6 +171,9 @@ static void explain_step(loom_buf *b, const perf_setup *s, const perf_step *st, 
                    1e3 * c->comm * t.t_comm);
     else
         buf_printf(b, "  comm     none (%s)\n", s->tp > 1 ? "shared memory" : "tp 1");
+    if (c->host_token > 0)
+        buf_printf(b, "  host     %.4g sampled tokens x %.4f ms = %.4f ms\n", t.sampled,
+                   1e3 * c->host_token, 1e3 * c->host_token * t.sampled);
     buf_printf(b, "  overhead %.4f ms\n  step     %.4f ms\n", 1e3 * c->overhead, 1e3 * secs);
 }
 
@@ -235,8 +239,10 @@ int plan_explain(const plan_result *r, const char *device, int tp, loom_buf *b, 
     const perf_coef *p = &cf->setup.coef;
     buf_printf(b,
                "\ncoefficients: overhead %.3f ms, compute %.3f (prompt tokens) / %.3f (decode "
-               "tokens), memory %.3f, comm %.3f\n\n",
-               1e3 * p->overhead, p->compute_prefill, p->compute_decode, p->memory, p->comm);
+               "tokens) / %.3f (decode attention), memory %.3f, comm %.3f, host %.4f ms per "
+               "sampled token\n\n",
+               1e3 * p->overhead, p->compute_prefill, p->compute_decode, p->attention, p->memory,
+               p->comm, 1e3 * p->host_token);
 
     const perf_estimate *est = &cf->est;
     double in = r->lengths.mean_in > 1 ? r->lengths.mean_in : 1;

@@ -38,7 +38,7 @@ static void test_fit_timed_grid(void **state)
     int n = perf_profile_grid(512, 2048, 32, 256, grid, 64);
     assert_true(n >= 12 && n <= 64);
     perf_coef truth = {.overhead = 4e-3, .compute_prefill = 1.4, .compute_decode = 3.0,
-                       .memory = 1.1, .comm = 1.0};
+                       .memory = 1.1, .comm = 1.0, .attention = 9.0, .host_token = 5e-5};
     perf_timed_step steps[64];
     loom_rng rng;
     rng_seed(&rng, 42);
