@@ -66,6 +66,7 @@ typedef enum {
     ARCH_QWEN2,
     ARCH_MIXTRAL,
     ARCH_QWEN2_MOE,
+    ARCH_LOOM_MOE, /* LoomMoeForCausalLM: Mixtral layout with a loom train router */
 } model_arch;
 
 typedef enum { ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3 } model_rope_type;
@@ -106,6 +107,14 @@ typedef struct model_config {
     float rope_factor;          /* linear and llama3 scaling */
     float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
     int rope_original_max_position;                    /* llama3 */
+    /* LoomMoeForCausalLM (exports of `loom train --router hash|locmoe|group_limited|switch`):
+     * the router as loom_router* in config.json; renormalisation is norm_topk_prob and k is
+     * n_experts_per_tok. Zero for every other architecture. */
+    int router_kind;          /* moe_router_kind of loom/moe.h (0 = MOE_ROUTER_TOPK) */
+    bool router_sigmoid;      /* per-expert sigmoid scores instead of a softmax */
+    int router_n_groups;      /* group_limited: expert groups */
+    int router_topk_groups;   /* group_limited: groups a token may use */
+    float router_route_scale; /* combine weights times this (0 = 1) */
 } model_config;
 
 int model_config_parse(const char *json, size_t len, model_config *c, loom_err *e);
@@ -114,6 +123,18 @@ int model_config_load(const char *path, model_config *c, loom_err *e);
  * mixtral-1b, qwen2-tiny, qwen2moe-tiny. */
 int model_config_preset(const char *name, model_config *c, loom_err *e);
 const char *const *model_preset_names(void); /* NULL-terminated */
+/*
+ * A model shape from YAML (`loom train --model-spec FILE.yaml`): Hugging Face config.json key
+ * names (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+ * num_key_value_heads, head_dim, vocab_size, num_local_experts, num_experts_per_tok,
+ * rope_theta, rms_norm_eps, max_position_embeddings, tie_word_embeddings, bos_token_id,
+ * eos_token_id), optionally on top of `preset: NAME`. vocab_size may be left out (*has_vocab
+ * false: the caller takes its tokenizer's). Unknown keys, wrong types and impossible shapes are
+ * LOOM_EFORMAT with what (the file name) and the line in the message.
+ */
+int model_config_from_yaml(const char *text, size_t len, const char *what, model_config *c,
+                           bool *has_vocab, loom_err *e);
+int model_config_load_yaml(const char *path, model_config *c, bool *has_vocab, loom_err *e);
 bool model_config_is_moe_layer(const model_config *c, int layer);
 /* Parameter counts and bytes (f32 as stored in memory). */
 size_t model_config_n_params(const model_config *c);

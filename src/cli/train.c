@@ -14,6 +14,8 @@
 
 #include "loom/tensor.h"
 
+#include "../train/router_state.h"
+
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -25,8 +27,9 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: loom train (--model-preset NAME | --init DIR) --data FILE... --tokenizer DIR "
-            "[options]\n"
+            "usage: loom train (--model-preset NAME | --model-spec FILE.yaml | --init DIR) "
+            "--data FILE...\n"
+            "                  --tokenizer DIR [options]\n"
             "       mpirun -n R loom train ... [--ranks-per-node N]\n\n"
             "Trains a decoder-only transformer (Llama / Mixtral MoE) with AdamW. Under mpirun the\n"
             "dense gradients are all-reduced and the experts are spread E/R per rank, tokens going\n"
@@ -38,11 +41,25 @@ static void usage(FILE *f)
         fprintf(f, "%s%s", p == model_preset_names() ? "" : ", ", *p);
     fprintf(f,
             ")\n"
-            "  --init DIR            start from a Hugging Face checkpoint directory\n"
+            "  --model-spec FILE     random init, shape from YAML with config.json key names\n"
+            "                        (hidden_size, intermediate_size, num_hidden_layers,\n"
+            "                        num_attention_heads, num_key_value_heads, head_dim,\n"
+            "                        vocab_size, num_local_experts, num_experts_per_tok,\n"
+            "                        rope_theta, rms_norm_eps, max_position_embeddings,\n"
+            "                        tie_word_embeddings, bos_token_id, eos_token_id; optional\n"
+            "                        'preset: NAME' as the base), e.g.\n"
+            "                        data/models/shakespeare-moe.yaml\n"
+            "  --init DIR            start from a Hugging Face checkpoint directory (config.json\n"
+            "                        Llama, Mixtral or loom's own LoomMoeForCausalLM)\n"
             "  --layers N --hidden D --heads H --kv-heads H --intermediate I --experts E\n"
-            "  --top-k K             override the preset's shape (E = 0: dense)\n"
+            "  --top-k K             override the preset's or spec's shape (E = 0: dense)\n"
             "  --router NAME         mixtral|topk (renormalised top-k), switch (top-1), gshard,\n"
-            "                        hash, locmoe, group_limited, expert_choice (default mixtral)\n"
+            "                        hash, locmoe, group_limited, expert_choice (default mixtral).\n"
+            "                        Non-Mixtral routers export as LoomMoeForCausalLM, which loom\n"
+            "                        serve routes with the same code (expert_choice excepted:\n"
+            "                        it needs the whole batch). group_limited moves its balance\n"
+            "                        bias after every step (DeepSeek-V3, rate 1e-3); checkpoints\n"
+            "                        and exports carry it\n"
             "  --aux-coef X          load-balancing loss coefficient (default 0.01; --init: the\n"
             "                        checkpoint's router_aux_loss_coef)\n"
             "  --z-coef X            router z-loss coefficient (default 0)\n"
@@ -98,7 +115,7 @@ static bool parse_double(const char *s, double lo, double hi, double *out)
 }
 
 typedef struct opts {
-    const char *preset, *init, *tokenizer, *router, *log, *plot, *save, *resume, *export_dir,
+    const char *preset, *spec, *init, *tokenizer, *router, *log, *plot, *save, *resume, *export_dir,
         *sample_prompt;
     const char **data;
     int n_data;
@@ -113,7 +130,7 @@ enum {
     O_PRESET = 256, O_INIT, O_DATA, O_TOK, O_STEPS, O_SEED, O_BATCH, O_SEQ, O_ACCUM, O_LR,
     O_MINLR, O_WARMUP, O_WD, O_CLIP, O_ROUTER, O_AUX, O_Z, O_LOC, O_CF, O_RPN, O_LOG, O_LOGEVERY,
     O_PLOT, O_EXPORT, O_SAVE, O_SAVEEVERY, O_RESUME, O_VALFRAC, O_VALEVERY, O_VALBATCHES,
-    O_THREADS, O_QUIET, O_SAMPLE, O_SAMPLETOK, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK,
+    O_THREADS, O_QUIET, O_SAMPLE, O_SAMPLETOK, O_SPEC, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK,
 };
 
 static int fail(train_dist *d, int code, const char *msg, const char *hint)
@@ -259,7 +276,7 @@ int cli_train(int argc, char **argv)
     o.layers = o.hidden = o.heads = o.kv_heads = o.inter = o.experts = o.top_k = -1;
     o.data = calloc((size_t)argc + 1, sizeof(char *));
     static const struct option lo[] = {
-        {"model-preset", 1, 0, O_PRESET}, {"init", 1, 0, O_INIT}, {"data", 1, 0, O_DATA},
+        {"model-preset", 1, 0, O_PRESET}, {"model-spec", 1, 0, O_SPEC}, {"init", 1, 0, O_INIT}, {"data", 1, 0, O_DATA},
         {"tokenizer", 1, 0, O_TOK}, {"steps", 1, 0, O_STEPS}, {"seed", 1, 0, O_SEED},
         {"batch", 1, 0, O_BATCH}, {"seq-len", 1, 0, O_SEQ}, {"accum", 1, 0, O_ACCUM},
         {"lr", 1, 0, O_LR}, {"min-lr", 1, 0, O_MINLR}, {"warmup", 1, 0, O_WARMUP},
@@ -284,6 +301,7 @@ int cli_train(int argc, char **argv)
         switch (ch) {
         case 'h': usage(stdout); free(o.data); return CLI_EXIT_OK;
         case O_PRESET: o.preset = a; break;
+        case O_SPEC: o.spec = a; break;
         case O_INIT: o.init = a; break;
         case O_DATA: o.data[o.n_data++] = a; break;
         case O_TOK: o.tokenizer = a; break;
@@ -355,9 +373,17 @@ int cli_train(int argc, char **argv)
     train_adamw opt = {0};
     FILE *logf = NULL;
     double *hist = NULL, *vhist = NULL;
-    if (!o.preset == !o.init) {
-        code = fail(&dist, CLI_EXIT_USAGE, "give exactly one of --model-preset and --init",
-                    "loom train --help lists the presets");
+    if ((o.preset != NULL) + (o.spec != NULL) + (o.init != NULL) != 1) {
+        code = fail(&dist, CLI_EXIT_USAGE,
+                    "give exactly one of --model-preset, --model-spec and --init",
+                    "loom train --help lists the presets; data/models/ has a spec");
+        goto out_nodist;
+    }
+    /* the spec is read before anything else so that a bad one fails at once, in one line */
+    model_config spec_mc;
+    bool spec_vocab = false;
+    if (o.spec && model_config_load_yaml(o.spec, &spec_mc, &spec_vocab, &e)) {
+        code = fail(&dist, CLI_EXIT_USAGE, e.msg, NULL);
         goto out_nodist;
     }
     if (o.n_data == 0) {
@@ -393,11 +419,14 @@ int cli_train(int argc, char **argv)
             tc.aux_coef = o.aux;
     } else {
         model_config mc;
-        if (model_config_preset(o.preset, &mc, &e)) {
+        if (o.spec) {
+            mc = spec_mc;
+        } else if (model_config_preset(o.preset, &mc, &e)) {
             code = fail(&dist, CLI_EXIT_USAGE, e.msg, "loom train --help lists the presets");
             goto out_nodist;
         }
-        mc.vocab_size = tokenizer_vocab_size(tok);
+        if (!o.spec || !spec_vocab)
+            mc.vocab_size = tokenizer_vocab_size(tok);
         if (o.layers > 0) mc.n_layers = (int)o.layers;
         if (o.hidden > 0) mc.hidden_size = (int)o.hidden;
         if (o.heads > 0) mc.n_heads = (int)o.heads;
@@ -413,9 +442,12 @@ int cli_train(int argc, char **argv)
         if (o.top_k > 0) mc.n_experts_per_tok = (int)o.top_k;
         if (mc.max_position_embeddings < o.seq_len)
             mc.max_position_embeddings = (int)o.seq_len;
-        mc.bos_token_id = tokenizer_bos_id(tok);
-        mc.n_eos = tokenizer_eos_id(tok) >= 0 ? 1 : 0;
-        mc.eos_token_ids[0] = tokenizer_eos_id(tok);
+        if (!o.spec || mc.bos_token_id < 0)
+            mc.bos_token_id = tokenizer_bos_id(tok);
+        if (!o.spec || mc.n_eos == 0) {
+            mc.n_eos = tokenizer_eos_id(tok) >= 0 ? 1 : 0;
+            mc.eos_token_ids[0] = tokenizer_eos_id(tok);
+        }
         train_config_default(&tc, &mc, B_local, (int)o.seq_len);
         tc.aux_coef = mc.n_experts > 0 ? o.aux : 0;
     }
@@ -495,6 +527,7 @@ int cli_train(int argc, char **argv)
             code = fail(&dist, CLI_EXIT_FAIL, e.msg, NULL);
             goto out;
         }
+        train_router_update_balance(m); /* before validation forwards replace the loads */
         tokens += (double)r.tokens;
         hist[s] = r.loss;
         vhist[s] = NAN;

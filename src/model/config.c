@@ -3,6 +3,7 @@
  * architectures at benchmark sizes, used with random weights).
  */
 #include "loom/model.h"
+#include "loom/moe.h"
 #include "loom/tensor.h"
 
 #include <cJSON.h>
@@ -21,6 +22,7 @@ static const struct {
     {"Qwen2ForCausalLM", "qwen2", ARCH_QWEN2},
     {"MixtralForCausalLM", "mixtral", ARCH_MIXTRAL},
     {"Qwen2MoeForCausalLM", "qwen2_moe", ARCH_QWEN2_MOE},
+    {"LoomMoeForCausalLM", "loom_moe", ARCH_LOOM_MOE},
 };
 #define N_ARCH (sizeof(arch_table) / sizeof(arch_table[0]))
 #define REQUIRED INT32_MIN
@@ -159,10 +161,81 @@ static int parse_special(const cJSON *root, model_config *c, loom_err *e)
     return LOOM_OK;
 }
 
+/*
+ * LoomMoeForCausalLM: the Mixtral layout (block_sparse_moe.experts.N.w1/w2/w3) routed by one of
+ * loom train's routers, named by loom_router. The defaults of each field are the trainer's
+ * (moe_router_config_default), so an export carries only what it changed; the checks are
+ * moe_router_init's, made here so that a bad config.json fails at load with the key's name.
+ */
+static int parse_loom_router(const cJSON *root, model_config *c, loom_err *e)
+{
+    const cJSON *kj = cJSON_GetObjectItemCaseSensitive(root, "loom_router");
+    moe_router_kind kind;
+    if (!cJSON_IsString(kj))
+        return loom_errf(e, LOOM_EFORMAT, "config.json: LoomMoeForCausalLM needs loom_router");
+    if (moe_router_kind_parse(kj->valuestring, &kind))
+        return loom_errf(e, LOOM_EUNSUPPORTED,
+                         "config.json: loom_router '%.40s' (topk, hash, locmoe, group_limited)",
+                         kj->valuestring);
+    if (kind == MOE_ROUTER_EXPERT_CHOICE)
+        return loom_errf(e, LOOM_EUNSUPPORTED,
+                         "config.json: loom_router expert_choice cannot be served: an expert picks "
+                         "its tokens from the whole batch, so a token's route depends on the "
+                         "others (HINT: train with --router topk, group_limited, locmoe or hash)");
+    moe_router_config def;
+    moe_router_config_default(&def, kind, c->hidden_size, c->n_experts);
+    c->router_kind = (int)kind;
+    int rc = get_bool(root, "loom_router_renormalize", def.renormalize, &c->norm_topk_prob, e);
+    const cJSON *sj = cJSON_GetObjectItemCaseSensitive(root, "loom_router_score");
+    c->router_sigmoid = def.score == MOE_SCORE_SIGMOID;
+    if (!rc && sj && !cJSON_IsNull(sj)) {
+        if (cJSON_IsString(sj) && !strcmp(sj->valuestring, "sigmoid"))
+            c->router_sigmoid = true;
+        else if (cJSON_IsString(sj) && !strcmp(sj->valuestring, "softmax"))
+            c->router_sigmoid = false;
+        else
+            rc = loom_errf(e, LOOM_EFORMAT, "config.json: loom_router_score must be \"softmax\" "
+                           "or \"sigmoid\"");
+    }
+    if (!rc)
+        rc = get_int(root, "loom_router_n_groups", def.n_groups, 1, c->n_experts,
+                     &c->router_n_groups, e);
+    if (!rc)
+        rc = get_int(root, "loom_router_topk_groups", def.topk_groups, 1, c->n_experts,
+                     &c->router_topk_groups, e);
+    if (!rc)
+        rc = get_float(root, "loom_router_route_scale", 1.0f, &c->router_route_scale, e);
+    if (rc)
+        return rc;
+    int E = c->n_experts, k = c->n_experts_per_tok;
+    if ((kind == MOE_ROUTER_HASH || kind == MOE_ROUTER_LOCMOE) && k != 1)
+        return loom_errf(e, LOOM_EFORMAT, "config.json: the %s router takes one expert per token "
+                         "(num_experts_per_tok is %d)", kj->valuestring, k);
+    if (kind == MOE_ROUTER_LOCMOE && c->hidden_size < E)
+        return loom_errf(e, LOOM_EFORMAT, "config.json: the locmoe (GrAP) router needs "
+                         "hidden_size >= num_local_experts");
+    if (kind == MOE_ROUTER_GROUP_LIMITED) {
+        int G = c->router_n_groups, tg = c->router_topk_groups;
+        if (E % G || tg > G || k > tg * (E / G))
+            return loom_errf(e, LOOM_EFORMAT, "config.json: group_limited router: %d groups, %d "
+                             "used, top-%d of %d experts is impossible", G, tg, k, E);
+    }
+    return LOOM_OK;
+}
+
 static int parse_moe(const cJSON *root, model_config *c, loom_err *e)
 {
     int rc = 0;
-    if (c->arch == ARCH_MIXTRAL) {
+    if (c->arch == ARCH_LOOM_MOE) {
+        rc = get_int(root, "num_local_experts", REQUIRED, 1, 4096, &c->n_experts, e);
+        if (!rc)
+            rc = get_int(root, "num_experts_per_tok", 1, 1, c->n_experts, &c->n_experts_per_tok,
+                         e);
+        c->moe_intermediate_size = c->intermediate_size;
+        c->decoder_sparse_step = 1;
+        if (!rc)
+            rc = parse_loom_router(root, c, e);
+    } else if (c->arch == ARCH_MIXTRAL) {
         rc = get_int(root, "num_local_experts", 8, 1, 4096, &c->n_experts, e);
         if (!rc)
             rc = get_int(root, "num_experts_per_tok", 2, 1, 4096, &c->n_experts_per_tok, e);
@@ -236,7 +309,7 @@ int model_config_parse(const char *json, size_t len, model_config *c, loom_err *
         rc = loom_errf(e, LOOM_EUNSUPPORTED,
                        "unsupported architecture '%s' (supported: LlamaForCausalLM, "
                        "MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, "
-                       "Qwen2MoeForCausalLM)",
+                       "Qwen2MoeForCausalLM, LoomMoeForCausalLM)",
                        c->architecture);
         goto done;
     }
@@ -294,7 +367,7 @@ int model_config_parse(const char *json, size_t len, model_config *c, loom_err *
         rc = loom_errf(e, LOOM_EUNSUPPORTED, "config.json: mlp_bias is not supported");
         goto done;
     }
-    if (c->arch == ARCH_MISTRAL || c->arch == ARCH_MIXTRAL) {
+    if (c->arch == ARCH_MISTRAL || c->arch == ARCH_MIXTRAL || c->arch == ARCH_LOOM_MOE) {
         if ((rc = get_int(root, "sliding_window", 0, 0, INT32_MAX, &c->sliding_window, e)))
             goto done;
     } else if (c->arch == ARCH_QWEN2 || c->arch == ARCH_QWEN2_MOE) {
@@ -444,7 +517,12 @@ static size_t layer_params(const model_config *c, int l, bool active_only)
     if (model_config_is_moe_layer(c, l)) {
         size_t E = (size_t)c->n_experts, Ie = (size_t)c->moe_intermediate_size;
         size_t used = active_only ? (size_t)c->n_experts_per_tok : E;
-        n += E * d + used * 3 * d * Ie;
+        size_t gate = E * d; /* LoomMoe: no gate (hash), or GrAP's bias only (locmoe) */
+        if (c->arch == ARCH_LOOM_MOE && c->router_kind == MOE_ROUTER_HASH)
+            gate = 0;
+        else if (c->arch == ARCH_LOOM_MOE && c->router_kind == MOE_ROUTER_LOCMOE)
+            gate = E;
+        n += gate + used * 3 * d * Ie;
         if (c->shared_expert_intermediate_size > 0)
             n += 3 * d * (size_t)c->shared_expert_intermediate_size + d;
     } else {

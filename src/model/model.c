@@ -29,7 +29,11 @@ typedef struct model_layer {
     float *w_gate_up; /* (2*I, d): gate_proj rows, then up_proj */
     float *w_down;    /* (d, I) */
     /* MoE */
-    float *router;      /* (E, d) */
+    float *router;      /* (E, d) linear gate; NULL for LoomMoe hash and locmoe routers */
+    float *router_b;    /* (E) LoomMoe locmoe: the GrAP gate's bias (LocMoE eps), or NULL */
+    float *score_bias;  /* (E) LoomMoe group_limited: selection-only balance bias, or NULL */
+    int32_t *hash_table;/* (V) LoomMoe hash: expert of each token id, or NULL */
+    moe_router gate;    /* LoomMoe: loom train's router over the tensors above */
     float *exp_gate_up; /* (E, 2*Ie, d): per expert w1 (gate) rows, then w3 (up) */
     float *exp_down;    /* (E, d, Ie): w2 */
     float *sh_gate_up;  /* (2*Is, d) Qwen2-MoE shared expert */
@@ -69,6 +73,7 @@ typedef struct workspace {
     size_t moe_stride; /* floats per thread: xe (T, d), h (T, 2*Ie), act (T, Ie) */
     const struct model_layer *moe_layer; /* the layer moe_experts_run works on */
     int n_active;                        /* experts with tokens, in eorder */
+    moe_routing rt; /* LoomMoe routing of one layer, sized for rt.T_max tokens (0: none yet) */
 } workspace;
 
 struct model {
@@ -127,7 +132,15 @@ static void layout_weights(model *m, carver *cv)
             continue;
         }
         size_t E = c->n_experts, Ie = c->moe_intermediate_size;
-        ly->router = carve(cv, E * d);
+        if (c->arch != ARCH_LOOM_MOE || c->router_kind == MOE_ROUTER_TOPK ||
+            c->router_kind == MOE_ROUTER_GROUP_LIMITED)
+            ly->router = carve(cv, E * d);
+        if (c->arch == ARCH_LOOM_MOE && c->router_kind == MOE_ROUTER_LOCMOE)
+            ly->router_b = carve(cv, E);
+        if (c->arch == ARCH_LOOM_MOE && c->router_kind == MOE_ROUTER_GROUP_LIMITED)
+            ly->score_bias = carve(cv, E);
+        if (c->arch == ARCH_LOOM_MOE && c->router_kind == MOE_ROUTER_HASH) /* int32 in floats */
+            ly->hash_table = (int32_t *)carve(cv, V);
         ly->exp_gate_up = carve(cv, E * 2 * Ie * d);
         ly->exp_down = carve(cv, E * d * Ie);
         if (c->shared_expert_intermediate_size > 0) {
@@ -136,6 +149,60 @@ static void layout_weights(model *m, carver *cv)
             ly->sh_down = carve(cv, d * Is);
             ly->sh_gate = carve(cv, d);
         }
+    }
+}
+
+/*
+ * LoomMoe: each MoE layer gets a src/moe router configured as loom train configures it
+ * (moe_router_config_default for the kind, then k, renormalisation, score, groups and scale
+ * from config.json) and pointed at the layer's gate tensors, so serving routes with the
+ * trainer's own code: moe_router_forward without jitter.
+ */
+static int routers_init(model *m, loom_err *e)
+{
+    const model_config *c = &m->cfg;
+    for (int l = 0; l < c->n_layers; l++) {
+        model_layer *ly = &m->layers[l];
+        if (!ly->moe)
+            continue;
+        moe_router_config rc;
+        moe_router_config_default(&rc, (moe_router_kind)c->router_kind, c->hidden_size,
+                                  c->n_experts);
+        rc.k = c->n_experts_per_tok;
+        rc.renormalize = c->norm_topk_prob;
+        rc.score = c->router_sigmoid ? MOE_SCORE_SIGMOID : MOE_SCORE_SOFTMAX;
+        if (c->router_kind == MOE_ROUTER_GROUP_LIMITED) {
+            rc.n_groups = c->router_n_groups;
+            rc.topk_groups = c->router_topk_groups;
+        }
+        rc.route_scale = c->router_route_scale > 0 ? c->router_route_scale : 1.0f;
+        rc.bias_rate = 0;  /* the bias is the checkpoint's, never updated here */
+        rc.vocab_size = 0; /* no table built: the checkpoint's is used */
+        int rc_ = moe_router_init(&ly->gate, &rc, e);
+        if (rc_)
+            return rc_;
+        moe_router *g = &ly->gate;
+        free(g->w_gate);
+        free(g->grad_w_gate);
+        free(g->b_gate);
+        free(g->grad_b_gate);
+        g->grad_w_gate = g->grad_b_gate = NULL;
+        g->w_gate = ly->router;
+        g->b_gate = ly->router_b;
+        g->balance_bias = ly->score_bias;
+        g->hash_table = ly->hash_table;
+        g->cfg.vocab_size = ly->hash_table ? c->vocab_size : 0;
+    }
+    return LOOM_OK;
+}
+
+static void routers_free(model *m)
+{
+    for (int l = 0; m->cfg.arch == ARCH_LOOM_MOE && l < m->cfg.n_layers; l++) {
+        moe_router *g = &m->layers[l].gate;
+        g->w_gate = g->b_gate = g->balance_bias = NULL; /* the arena's */
+        g->hash_table = NULL;
+        moe_router_free(g);
     }
 }
 
@@ -165,6 +232,13 @@ static int model_alloc(const model_config *c, model **out, loom_err *e)
         m->imax = c->moe_intermediate_size;
     if (c->shared_expert_intermediate_size > m->imax)
         m->imax = c->shared_expert_intermediate_size;
+    if (c->arch == ARCH_LOOM_MOE) {
+        int rc = routers_init(m, e);
+        if (rc) {
+            model_free(m);
+            return rc;
+        }
+    }
     *out = m;
     return LOOM_OK;
 }
@@ -173,6 +247,8 @@ void model_free(model *m)
 {
     if (!m)
         return;
+    routers_free(m);
+    moe_routing_free(&m->ws.rt);
     loom_free_aligned(m->arena);
     free(m->layers);
     free(m->inv_freq);
@@ -267,6 +343,55 @@ static int load_mlp(loader *ld, const char *gate, const char *up, const char *do
 }
 
 /*
+ * LoomMoe gate of layer l (prefix p): the linear gate's weight (topk, group_limited), the GrAP
+ * bias (locmoe), the group-limited balance bias (e_score_correction_bias, DeepSeek-V3's name;
+ * zeros when absent, as a fresh trainer has it) or the hash router's token -> expert table
+ * (an I32 tensor of vocab_size entries, each in [0, E)).
+ */
+static int load_loom_gate(loader *ld, model *m, int l, const char *p)
+{
+    const model_config *c = &m->cfg;
+    model_layer *ly = &m->layers[l];
+    int64_t d = c->hidden_size, E = c->n_experts, V = c->vocab_size;
+    char n[192];
+    int rc = LOOM_OK;
+    if (ly->router) {
+        snprintf(n, sizeof(n), "%s.gate.weight", p);
+        rc = load_2d(ld, n, ly->router, E, d);
+    }
+    if (!rc && ly->router_b) {
+        snprintf(n, sizeof(n), "%s.gate.bias", p);
+        rc = load_1d(ld, n, ly->router_b, E);
+    }
+    if (!rc && ly->score_bias) {
+        snprintf(n, sizeof(n), "%s.gate.e_score_correction_bias", p);
+        if (has(ld, n))
+            rc = load_1d(ld, n, ly->score_bias, E);
+        else
+            memset(ly->score_bias, 0, (size_t)E * sizeof(float));
+    }
+    if (!rc && ly->hash_table) {
+        snprintf(n, sizeof(n), "%s.gate.hash_table", p);
+        const st_tensor *t = st_set_find(ld->set, n);
+        if (!t)
+            return loom_errf(ld->e, LOOM_ENOTFOUND,
+                             "%s: tensor '%s' not found (HINT: the hash router's table is "
+                             "written by loom train --export; re-export the checkpoint)",
+                             ld->dir, n);
+        if (t->dtype != ST_I32 || t->n_dims != 1 || t->shape[0] != V)
+            return loom_errf(ld->e, LOOM_EFORMAT, "%s: tensor '%s' must be I32 of shape [%lld]",
+                             ld->dir, n, (long long)V);
+        memcpy(ly->hash_table, t->data, (size_t)V * sizeof(int32_t));
+        for (int64_t v = 0; v < V; v++)
+            if (ly->hash_table[v] < 0 || ly->hash_table[v] >= E)
+                return loom_errf(ld->e, LOOM_EFORMAT,
+                                 "%s: tensor '%s': token %lld goes to expert %d of %lld", ld->dir,
+                                 n, (long long)v, ly->hash_table[v], (long long)E);
+    }
+    return rc;
+}
+
+/*
  * Routed experts of layer l. Layouts:
  *   Mixtral per-expert:  P.gate.weight, P.experts.N.w1/w3/w2.weight, P = block_sparse_moe or mlp
  *   Qwen2-MoE per-expert: P.experts.N.gate_proj/up_proj/down_proj.weight
@@ -281,7 +406,11 @@ static int load_moe(loader *ld, model *m, int l)
     char p[96], n1[192], n2[192], n3[192];
     snprintf(p, sizeof(p), "model.layers.%d.block_sparse_moe", l);
     snprintf(n1, sizeof(n1), "%s.gate.weight", p);
-    if (!has(ld, n1)) {
+    int rc;
+    if (c->arch == ARCH_LOOM_MOE) {
+        if ((rc = load_loom_gate(ld, m, l, p)))
+            return rc;
+    } else if (!has(ld, n1)) {
         snprintf(p, sizeof(p), "model.layers.%d.mlp", l);
         snprintf(n1, sizeof(n1), "%s.gate.weight", p);
         if (!has(ld, n1))
@@ -290,8 +419,7 @@ static int load_moe(loader *ld, model *m, int l)
                              "'%s') not found in the checkpoint",
                              ld->dir, l, n1);
     }
-    int rc = load_2d(ld, n1, ly->router, E, d);
-    if (rc)
+    if (c->arch != ARCH_LOOM_MOE && (rc = load_2d(ld, n1, ly->router, E, d)))
         return rc;
     snprintf(n1, sizeof(n1), "%s.experts.gate_up_proj", p);
     if (has(ld, n1)) {
@@ -602,6 +730,9 @@ static void save_mlp(save_list *sl, const char *gate, const char *up, const char
 int model_save(const model *m, const char *dir, loom_err *e)
 {
     const model_config *c = &m->cfg;
+    if (c->arch == ARCH_LOOM_MOE)
+        return loom_errf(e, LOOM_EUNSUPPORTED, "model_save: LoomMoeForCausalLM is written by "
+                         "loom train --export only");
     int64_t d = c->hidden_size, V = c->vocab_size, q = (int64_t)c->n_heads * c->head_dim,
             kv = (int64_t)c->n_kv_heads * c->head_dim;
     save_list sl = {0};
@@ -766,6 +897,16 @@ static int workspace_reserve(model *m, int T, int n_logits, loom_err *e)
     int rc = moe_scratch_reserve(m, T, tensor_get_threads(), e);
     if (rc)
         return rc;
+    if (m->cfg.arch == ARCH_LOOM_MOE && T > w->rt.T_max) {
+        int cap = T > w->cap_tokens ? T : w->cap_tokens;
+        const moe_router_config *rcfg = NULL;
+        for (int l = 0; l < m->cfg.n_layers && !rcfg; l++)
+            if (m->layers[l].moe)
+                rcfg = &m->layers[l].gate.cfg;
+        moe_routing_free(&w->rt);
+        if (rcfg && (rc = moe_routing_init(&w->rt, rcfg, cap, e)))
+            return rc;
+    }
     if (T <= w->cap_tokens && n_logits <= w->cap_logits)
         return LOOM_OK;
     int capT = T > w->cap_tokens ? T : w->cap_tokens;
@@ -939,15 +1080,27 @@ static bool moe_plan_experts(workspace *w, int E, int N)
  * token order, x[t] += sum_j w[t,j] * ya[t*k+j], so the sum does not depend on which thread ran
  * which expert. Qwen2-MoE adds the shared expert, scaled by sigmoid(shared_expert_gate(xn)).
  */
-static void moe_block(model *m, const model_layer *ly, int T, float *router_out)
+static int moe_block(model *m, model_layer *ly, const int32_t *tokens, int T, float *router_out,
+                     loom_err *e)
 {
     const model_config *c = &m->cfg;
     workspace *w = &m->ws;
     int d = c->hidden_size, E = c->n_experts, k = c->n_experts_per_tok;
-    tensor_matmul(w->rl, w->xn, ly->router, NULL, T, d, E);
-    if (router_out)
-        memcpy(router_out, w->rl, (size_t)T * E * sizeof(float));
-    moe_topk_route(w->rl, T, E, k, c->norm_topk_prob, w->eidx, w->ew);
+    if (c->arch == ARCH_LOOM_MOE) {
+        /* loom train's router, as in training but without jitter; it fills every slot */
+        int rc = moe_router_forward(&ly->gate, w->xn, tokens, T, false, &w->rt, e);
+        if (rc)
+            return rc;
+        memcpy(w->eidx, w->rt.expert_idx, (size_t)T * k * sizeof(int32_t));
+        memcpy(w->ew, w->rt.weight, (size_t)T * k * sizeof(float));
+        if (router_out)
+            memcpy(router_out, w->rt.logits, (size_t)T * E * sizeof(float));
+    } else {
+        tensor_matmul(w->rl, w->xn, ly->router, NULL, T, d, E);
+        if (router_out)
+            memcpy(router_out, w->rl, (size_t)T * E * sizeof(float));
+        moe_topk_route(w->rl, T, E, k, c->norm_topk_prob, w->eidx, w->ew);
+    }
     moe_group_by_expert(w->eidx, T, k, E, w->counts, w->offsets, w->order);
     int N = tensor_get_threads();
     if (N > w->moe_cap_threads)
@@ -972,7 +1125,7 @@ static void moe_block(model *m, const model_layer *ly, int T, float *router_out)
         }
     }
     if (!ly->sh_gate_up)
-        return;
+        return LOOM_OK;
     int Is = c->shared_expert_intermediate_size;
     swiglu_ffn(w, w->ye, w->xn, ly->sh_gate_up, ly->sh_down, T, d, Is, false);
     for (int t = 0; t < T; t++) {
@@ -985,6 +1138,7 @@ static void moe_block(model *m, const model_layer *ly, int T, float *router_out)
         for (int i = 0; i < d; i++)
             out[i] += g * yt[i];
     }
+    return LOOM_OK;
 }
 
 static int check_batch(const model *m, const model_kv *kv, const model_batch *b, loom_err *e)
@@ -1042,7 +1196,7 @@ int model_forward(model *m, model_kv *kv, const model_batch *b, float *logits, l
                (size_t)d * sizeof(float));
 
     for (int l = 0; l < c->n_layers; l++) {
-        const model_layer *ly = &m->layers[l];
+        model_layer *ly = &m->layers[l];
         float *kc = kv->k + l * layer_stride, *vc = kv->v + l * layer_stride;
         /* attention: one GEMM for q, k, v over the whole batch */
         tensor_rmsnorm(w->xn, w->x, ly->attn_norm, T, d, c->rms_norm_eps);
@@ -1075,7 +1229,9 @@ int model_forward(model *m, model_kv *kv, const model_batch *b, float *logits, l
         if (ly->moe) {
             if (b->moe_inputs && b->moe_inputs[l]) /* the normalised hidden state it routes */
                 memcpy(b->moe_inputs[l], w->xn, (size_t)T * d * sizeof(float));
-            moe_block(m, ly, T, b->router_logits ? b->router_logits[l] : NULL);
+            if ((rc = moe_block(m, ly, b->tokens, T,
+                                b->router_logits ? b->router_logits[l] : NULL, e)))
+                return rc;
         } else {
             swiglu_ffn(w, w->x, w->xn, ly->w_gate_up, ly->w_down, T, d, c->intermediate_size, true);
         }

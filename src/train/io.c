@@ -23,6 +23,11 @@ int train_config_from_hf(train_config *c, const char *dir, int B_max, int T_max,
         return rc;
     }
     train_config_default(c, &mc, B_max, T_max);
+    if (mc.arch == ARCH_LOOM_MOE) { /* continue with the router the export was trained with */
+        c->router = (moe_router_kind)mc.router_kind;
+        c->top_k = mc.n_experts_per_tok;
+        c->renormalize = mc.norm_topk_prob;
+    }
     char *json = NULL;
     size_t len = 0;
     if (loom_read_file(path, &json, &len, NULL) == LOOM_OK) {
@@ -118,7 +123,28 @@ int train_model_load_hf(train_model *m, const char *dir, loom_err *e)
             continue; /* LocMoE eps starts at 0 when a Mixtral checkpoint seeds it */
         rc = load_tensor(&s, dir, name, dst, p->shape[0], p->n_dims == 2 ? p->shape[1] : 1, e);
     }
-    (void)c;
+    /* a LoomMoe export's group-limited balance bias (absent: it starts at zero) */
+    for (int l = 0; !rc && m->moe && l < c->n_layers; l++) {
+        moe_router *r = &m->moe[l].router;
+        char n[128];
+        snprintf(n, sizeof(n), "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", l);
+        if (r->balance_bias && st_set_find(&s, n))
+            rc = load_tensor(&s, dir, n, r->balance_bias, c->n_experts, 1, e);
+        /* and the hash router's table, which a different --seed would otherwise rebuild */
+        snprintf(n, sizeof(n), "model.layers.%d.block_sparse_moe.gate.hash_table", l);
+        const st_tensor *t = r->hash_table ? st_set_find(&s, n) : NULL;
+        if (!rc && t) {
+            if (t->dtype != ST_I32 || t->n_dims != 1 || t->shape[0] != c->vocab_size)
+                rc = loom_errf(e, LOOM_EFORMAT, "%s: tensor '%s' must be I32 of shape [%d]", dir,
+                               n, c->vocab_size);
+            else
+                memcpy(r->hash_table, t->data, (size_t)c->vocab_size * sizeof(int32_t));
+            for (int v = 0; !rc && v < c->vocab_size; v++)
+                if (r->hash_table[v] < 0 || r->hash_table[v] >= c->n_experts)
+                    rc = loom_errf(e, LOOM_EFORMAT, "%s: tensor '%s': expert out of range", dir,
+                                   n);
+        }
+    }
     st_set_close(&s);
     return rc;
 }
@@ -147,6 +173,90 @@ static float *gather_full(train_model *m, const float *src)
 }
 
 /* ------------------------------------------------------------------ checkpoints */
+
+/*
+ * Router state that is not a parameter but changes what the next step computes: per MoE layer
+ * the group-limited balance bias (E, moved by train_router_update_balance), the jitter noise
+ * generator (4 words of xoshiro state, advanced by every jittered forward) and the hash table
+ * (V, fixed, but derived from the --seed of the run that built it). Written by rank 0; on R
+ * ranks every rank holds the same state (global loads, the same seeds and draw counts).
+ */
+typedef struct router_state {
+    float *bias;     /* (L, E) or NULL */
+    int64_t *rng;    /* (L, 4) */
+    int32_t *hash;   /* (L, V) or NULL */
+} router_state;
+
+static void router_state_gather(const train_model *m, router_state *rs)
+{
+    const model_config *c = &m->cfg.model;
+    int L = c->n_layers, E = c->n_experts, V = c->vocab_size;
+    memset(rs, 0, sizeof(*rs));
+    if (!m->moe)
+        return;
+    rs->rng = xmalloc((size_t)L * 4 * sizeof(int64_t));
+    if (m->moe[0].router.balance_bias)
+        rs->bias = xmalloc((size_t)L * E * sizeof(float));
+    if (m->moe[0].router.hash_table)
+        rs->hash = xmalloc((size_t)L * V * sizeof(int32_t));
+    for (int l = 0; l < L; l++) {
+        const moe_router *r = &m->moe[l].router;
+        for (int i = 0; i < 4; i++)
+            rs->rng[l * 4 + i] = (int64_t)r->rng.s[i];
+        if (rs->bias)
+            memcpy(rs->bias + (size_t)l * E, r->balance_bias, (size_t)E * sizeof(float));
+        if (rs->hash)
+            memcpy(rs->hash + (size_t)l * V, r->hash_table, (size_t)V * sizeof(int32_t));
+    }
+}
+
+static void router_state_free(router_state *rs)
+{
+    free(rs->bias);
+    free(rs->rng);
+    free(rs->hash);
+}
+
+/* Restores what the checkpoint has (a checkpoint from before router state keeps the fresh
+ * model's: zero bias, the seeded generator, the seeded table). */
+static int router_state_load(train_model *m, const st_file *f, const char *path, loom_err *e)
+{
+    const model_config *c = &m->cfg.model;
+    int L = c->n_layers, E = c->n_experts, V = c->vocab_size;
+    if (!m->moe)
+        return LOOM_OK;
+    const st_tensor *tb = st_find(f, "router_balance_bias"), *tr = st_find(f, "router_rng"),
+                    *th = st_find(f, "router_hash_table");
+    if ((tb && (tb->dtype != ST_F32 || tb->n_dims != 1 || tb->shape[0] != (int64_t)L * E ||
+                !m->moe[0].router.balance_bias)) ||
+        (tr && (tr->dtype != ST_I64 || tr->n_dims != 1 || tr->shape[0] != (int64_t)L * 4)) ||
+        (th && (th->dtype != ST_I32 || th->n_dims != 1 || th->shape[0] != (int64_t)L * V ||
+                !m->moe[0].router.hash_table)))
+        return loom_errf(e, LOOM_EFORMAT,
+                         "%s: router state of another router or shape (HINT: resume with the "
+                         "same --router)",
+                         path);
+    for (int l = 0; l < L; l++) {
+        moe_router *r = &m->moe[l].router;
+        if (tb)
+            memcpy(r->balance_bias, (const float *)tb->data + (size_t)l * E,
+                   (size_t)E * sizeof(float));
+        if (tr) {
+            int64_t s4[4];
+            memcpy(s4, (const int64_t *)tr->data + (size_t)l * 4, sizeof(s4));
+            for (int i = 0; i < 4; i++)
+                r->rng.s[i] = (uint64_t)s4[i];
+        }
+        if (th) {
+            int32_t *dst = r->hash_table;
+            memcpy(dst, (const int32_t *)th->data + (size_t)l * V, (size_t)V * sizeof(int32_t));
+            for (int v = 0; v < V; v++)
+                if (dst[v] < 0 || dst[v] >= E)
+                    return loom_errf(e, LOOM_EFORMAT, "%s: hash table entry out of range", path);
+        }
+    }
+    return LOOM_OK;
+}
 
 static int write_renamed(const char *path, const st_tensor *t, size_t n, loom_err *e)
 {
@@ -193,7 +303,7 @@ int train_checkpoint_save(train_model *m, const train_adamw *o, int64_t step, ui
         }
         int64_t meta[5] = {step, (int64_t)seed, o ? o->t : 0, (int64_t)m->n_params,
                            (int64_t)(h >> 1)};
-        st_tensor t[4];
+        st_tensor t[7];
         t[0] = tensor_f32("params", p, m->n_params);
         size_t n = 1;
         if (o) {
@@ -207,7 +317,32 @@ int train_checkpoint_save(train_model *m, const train_adamw *o, int64_t step, ui
         tm.shape[0] = 5;
         tm.data = meta;
         t[n++] = tm;
+        router_state rs;
+        router_state_gather(m, &rs);
+        int L = m->cfg.model.n_layers;
+        if (rs.bias)
+            t[n++] = tensor_f32("router_balance_bias", rs.bias,
+                                (size_t)L * m->cfg.model.n_experts);
+        if (rs.rng) {
+            st_tensor tr = {0};
+            tr.name = "router_rng";
+            tr.dtype = ST_I64;
+            tr.n_dims = 1;
+            tr.shape[0] = (int64_t)L * 4;
+            tr.data = rs.rng;
+            t[n++] = tr;
+        }
+        if (rs.hash) {
+            st_tensor th = {0};
+            th.name = "router_hash_table";
+            th.dtype = ST_I32;
+            th.n_dims = 1;
+            th.shape[0] = (int64_t)L * m->cfg.model.vocab_size;
+            th.data = rs.hash;
+            t[n++] = th;
+        }
         rc = write_renamed(path, t, n, e);
+        router_state_free(&rs);
     }
     train_dist_bcast(m->dist, &rc, sizeof(rc), 0);
     if (rc && m->dist->rank != 0)
@@ -244,7 +379,7 @@ int train_checkpoint_load(train_model *m, train_adamw *o, int64_t *step, uint64_
         tp->shape[0] != (int64_t)m->n_params) {
         rc = loom_errf(e, LOOM_EFORMAT,
                        "%s: checkpoint of another model shape (%lld parameters, this model has "
-                       "%zu) (HINT: resume with the same --model-preset/--init and --router)",
+                       "%zu) (HINT: resume with the same --model-preset/--model-spec/--init and --router)",
                        path, (long long)meta[3], m->n_params);
         goto out;
     }
@@ -259,6 +394,8 @@ int train_checkpoint_load(train_model *m, train_adamw *o, int64_t *step, uint64_
         memcpy(o->v, tvo->data, m->n_params * sizeof(float));
         o->t = meta[2];
     }
+    if ((rc = router_state_load(m, &f, path, e)))
+        goto out;
     if (step)
         *step = meta[0];
     if (seed)
@@ -325,8 +462,17 @@ static char *config_json(const train_model *m)
         cJSON_AddNumberToObject(j, "router_aux_loss_coef", m->cfg.aux_coef);
         cJSON_AddNullToObject(j, "sliding_window");
         if (!mixtral) {
+            /* what src/model needs to route as training did (config.c parse_loom_router) */
+            const moe_router_config *rc = &m->moe[0].router.cfg;
             cJSON_AddStringToObject(j, "loom_router", moe_router_kind_name(m->cfg.router));
-            cJSON_AddBoolToObject(j, "loom_router_renormalize", m->cfg.renormalize);
+            cJSON_AddBoolToObject(j, "loom_router_renormalize", rc->renormalize);
+            cJSON_AddStringToObject(j, "loom_router_score",
+                                    rc->score == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax");
+            cJSON_AddNumberToObject(j, "loom_router_route_scale", rc->route_scale);
+            if (m->cfg.router == MOE_ROUTER_GROUP_LIMITED) {
+                cJSON_AddNumberToObject(j, "loom_router_n_groups", rc->n_groups);
+                cJSON_AddNumberToObject(j, "loom_router_topk_groups", rc->topk_groups);
+            }
         }
     }
     char *s = cJSON_Print(j);
@@ -354,7 +500,8 @@ int train_export_hf(train_model *m, const char *dir, const char *tokenizer_dir, 
         free(cfg);
         if (rc)
             goto done;
-        st_tensor *t = xcalloc((size_t)m->n_tensors, sizeof(st_tensor));
+        int L = m->cfg.model.n_layers;
+        st_tensor *t = xcalloc((size_t)m->n_tensors + (size_t)L, sizeof(st_tensor));
         for (int i = 0; i < m->n_tensors; i++) {
             const train_param *p = &m->tensors[i];
             t[i].name = (char *)p->name;
@@ -364,10 +511,37 @@ int train_export_hf(train_model *m, const char *dir, const char *tokenizer_dir, 
             t[i].shape[1] = p->shape[1];
             t[i].data = full + p->offset;
         }
+        /* router state the forward reads: the group-limited balance bias (DeepSeek-V3's
+         * e_score_correction_bias), the hash router's token -> expert table */
+        size_t n = (size_t)m->n_tensors;
+        char (*names)[96] = xcalloc((size_t)L + 1, sizeof(*names));
+        for (int l = 0; m->moe && l < L; l++) {
+            const moe_router *r = &m->moe[l].router;
+            st_tensor *x = &t[n];
+            x->n_dims = 1;
+            if (r->balance_bias) {
+                snprintf(names[l], sizeof(names[l]),
+                         "model.layers.%d.block_sparse_moe.gate.e_score_correction_bias", l);
+                x->dtype = ST_F32;
+                x->shape[0] = m->cfg.model.n_experts;
+                x->data = r->balance_bias;
+            } else if (r->hash_table) {
+                snprintf(names[l], sizeof(names[l]), "model.layers.%d.block_sparse_moe.gate."
+                         "hash_table", l);
+                x->dtype = ST_I32;
+                x->shape[0] = m->cfg.model.vocab_size;
+                x->data = r->hash_table;
+            } else {
+                continue;
+            }
+            x->name = names[l];
+            n++;
+        }
         path = loom_path_join(dir, "model.safetensors");
-        rc = write_renamed(path, t, (size_t)m->n_tensors, e);
+        rc = write_renamed(path, t, n, e);
         free(path);
         free(t);
+        free(names);
         static const char *const tok_files[] = {"tokenizer.json", "tokenizer_config.json",
                                                 "chat_template.jinja", "generation_config.json"};
         for (size_t i = 0; !rc && tokenizer_dir && i < sizeof(tok_files) / sizeof(*tok_files);
