@@ -21,6 +21,12 @@ int tensor_get_threads(void);
  * when all have finished. Idle workers spin briefly, then yield, then sleep. A call from inside
  * a job, or while another thread's job runs, runs fn(arg, 0, 1) inline. */
 void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg);
+/* Runs fn(arg, i, tid) for every task i in 0 .. n-1 on the pool: each thread takes the next
+ * task not yet taken, so which thread runs a task depends on timing; tid (below
+ * tensor_get_threads()) only picks per-thread scratch. Results do not depend on the thread count
+ * when the tasks are a fixed partition of the work, each writing its own part of the output.
+ * Must not be called from inside a task. */
+void tensor_parallel_for(int n, void (*fn)(void *arg, int i, int tid), void *arg);
 
 /* y (T, out) = x (T, in) @ w^T [+ bias], w (out, in) row-major (Hugging Face Linear layout).
  * Through OpenBLAS SGEMV (T = 1) or SGEMM, or for 2 <= T <= 16 an AVX2 kernel that streams the

@@ -166,3 +166,34 @@ void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg)
     }
     pthread_mutex_unlock(&g_caller);
 }
+
+/* ---------------------------------------------------------------- task lists */
+
+typedef struct for_job {
+    void (*fn)(void *arg, int i, int tid);
+    void *arg;
+    int n;
+    atomic_int next;
+} for_job;
+
+static void for_run(void *p, int tid, int nth)
+{
+    for_job *j = p;
+    (void)nth;
+    for (int i; (i = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->n;)
+        j->fn(j->arg, i, tid);
+}
+
+void tensor_parallel_for(int n, void (*fn)(void *arg, int i, int tid), void *arg)
+{
+    if (n <= 0)
+        return;
+    if (n == 1 || tensor_get_threads() <= 1) {
+        for (int i = 0; i < n; i++)
+            fn(arg, i, 0);
+        return;
+    }
+    for_job j = {.fn = fn, .arg = arg, .n = n};
+    atomic_init(&j.next, 0);
+    tensor_parallel(for_run, &j);
+}

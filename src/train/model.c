@@ -28,6 +28,87 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* ------------------------------------------------------------------ parallel pieces */
+
+/*
+ * The whole step runs on the tensor pool (tensor_parallel_for) as lists of tasks. Row-wise
+ * kernels (RMSNorm, RoPE, cross-entropy, embedding) take TOK_TASK tokens per task; a sum over
+ * tokens (the RMSNorm and embedding weight gradients) takes a block of COL_TASK output columns
+ * per task and sums over every token in order; attention takes one (sequence, head) or
+ * (sequence, kv head) per task. None of these partitions depends on the thread count. GEMMs
+ * (the helpers below, tensor_matmul, the FFN pieces) are split by output rows or columns by
+ * thread count, which leaves each output element's sum whole, so results are bitwise the same
+ * for every --threads.
+ */
+#define TOK_TASK 32 /* tokens per task of the row-wise kernels */
+#define COL_TASK 64 /* output columns per task of a sum over tokens */
+
+static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static int imin(int a, int b) { return a < b ? a : b; }
+
+/* The elementwise loops are compiled three times (AVX-512, AVX2 + FMA, baseline x86-64) and
+ * the CPU picks at load time. Not under clang (the libFuzzer build), which gets the baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIMD_CLONES
+#endif
+
+/*
+ * e^x in a form the vectoriser takes (glibc's expf is a call per element): Cephes' expf,
+ * e^x = 2^n e^r with n = round(x log2 e), |r| <= ln2/2, a degree-6 polynomial for e^r. Within
+ * 1.4 ulp of the correctly rounded value on [-87.3, 88.3]; x is clamped to that range (e^-87.3
+ * ~ 1.2e-38 stands in for smaller values, which no sum here notices).
+ */
+static inline float vexpf(float x)
+{
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.3f ? 88.3f : x;
+    float t = x * 1.44269504f + 12582912.0f; /* 1.5 * 2^23: rounds to an integer in the mantissa */
+    float n = t - 12582912.0f;
+    int32_t ni;
+    memcpy(&ni, &t, sizeof(ni));
+    ni -= 0x4B400000;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t si = (ni + 127) << 23;
+    float s;
+    memcpy(&s, &si, sizeof(s));
+    return p * s;
+}
+
+/* dst (n) = src, or 0 when src is NULL, in fixed chunks over the pool. */
+typedef struct copy_args {
+    float *dst;
+    const float *src;
+    size_t n;
+} copy_args;
+
+#define COPY_TASK ((size_t)1 << 16)
+
+static void copy_task(void *arg, int i, int tid)
+{
+    const copy_args *a = arg;
+    size_t j0 = (size_t)i * COPY_TASK, n = a->n - j0 < COPY_TASK ? a->n - j0 : COPY_TASK;
+    if (a->src)
+        memcpy(a->dst + j0, a->src + j0, n * sizeof(float));
+    else
+        memset(a->dst + j0, 0, n * sizeof(float));
+}
+
+static void par_copy(float *dst, const float *src, size_t n)
+{
+    copy_args a = {.dst = dst, .src = src, .n = n};
+    tensor_parallel_for((int)((n + COPY_TASK - 1) / COPY_TASK), copy_task, &a);
+}
+
 /* ------------------------------------------------------------------ GEMM helpers */
 
 /*
@@ -38,6 +119,7 @@
 enum { MM_DX, MM_DW, MM_Y };
 typedef struct mm_args {
     int kind, n, in, out;
+    float alpha, beta;
     float *c;
     const float *a, *b;
 } mm_args;
@@ -48,13 +130,13 @@ static void mm_rows(const mm_args *g, int r0, int r1)
     if (rows <= 0)
         return;
     switch (g->kind) {
-    case MM_DX: /* dx rows r0.. += dy rows r0.. @ w */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in, out, 1.0f,
-                    g->a + (size_t)r0 * out, out, g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
+    case MM_DX: /* dx rows r0.. = beta dx + alpha dy rows r0.. @ w */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in, out, g->alpha,
+                    g->a + (size_t)r0 * out, out, g->b, in, g->beta, g->c + (size_t)r0 * in, in);
         break;
-    case MM_DW: /* dw rows r0.. += (dy columns r0..)^T @ x */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, in, n, 1.0f, g->a + r0, out,
-                    g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
+    case MM_DW: /* dw rows r0.. += alpha (dy columns r0..)^T @ x */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, in, n, g->alpha, g->a + r0,
+                    out, g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
         break;
     default: /* y rows r0.. = x rows r0.. @ w^T */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f,
@@ -70,11 +152,13 @@ static void mm_job(void *arg, int tid, int nth)
     mm_rows(g, (int)((int64_t)M * tid / nth), (int)((int64_t)M * (tid + 1) / nth));
 }
 
-static void mm_run(int kind, float *c, const float *a, const float *b, int n, int in, int out)
+static void mm_run(int kind, float *c, const float *a, const float *b, int n, int in, int out,
+                   float alpha, float beta)
 {
     if (n <= 0)
         return;
-    mm_args g = {.kind = kind, .n = n, .in = in, .out = out, .c = c, .a = a, .b = b};
+    mm_args g = {.kind = kind, .n = n, .in = in, .out = out, .alpha = alpha, .beta = beta, .c = c,
+                 .a = a, .b = b};
     int M = kind == MM_DW ? out : n;
     if (tensor_get_threads() > 1 && M >= 32 && (double)n * in * out >= 1 << 18)
         tensor_parallel(mm_job, &g);
@@ -85,38 +169,98 @@ static void mm_run(int kind, float *c, const float *a, const float *b, int n, in
 /* dx (n, in) += dy (n, out) @ w (out, in) */
 void train_mm_dx(float *dx, const float *dy, const float *w, int n, int in, int out)
 {
-    mm_run(MM_DX, dx, dy, w, n, in, out);
+    mm_run(MM_DX, dx, dy, w, n, in, out, 1.0f, 1.0f);
 }
 
 /* dw (out, in) += dy^T (out, n) @ x (n, in) */
 void train_mm_dw(float *dw, const float *dy, const float *x, int n, int in, int out)
 {
-    mm_run(MM_DW, dw, dy, x, n, in, out);
+    mm_run(MM_DW, dw, dy, x, n, in, out, 1.0f, 1.0f);
 }
 
 /* y (n, out) = x (n, in) @ w^T */
 void train_mm(float *y, const float *x, const float *w, int n, int in, int out)
 {
-    mm_run(MM_Y, y, x, w, n, in, out);
+    mm_run(MM_Y, y, x, w, n, in, out, 1.0f, 0.0f);
 }
 
 /* ------------------------------------------------------------------ layer kernels */
+
+typedef struct rms_args {
+    float *y, *rstd, *dx, *dw;
+    const float *x, *w, *dy, *r, *base;
+    int N, d;
+    float eps;
+} rms_args;
+
+SIMD_CLONES static void rms_forward_task(void *arg, int task, int tid)
+{
+    const rms_args *a = arg;
+    int d = a->d;
+    for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, a->N); t < t1; t++) {
+        const float *xt = a->x + (size_t)t * d;
+        float *yt = a->y + (size_t)t * d;
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < d; i++)
+            ss += (double)xt[i] * xt[i];
+        float r = (float)(1.0 / sqrt(ss / d + a->eps));
+        a->rstd[t] = r;
+#pragma omp simd
+        for (int i = 0; i < d; i++)
+            yt[i] = a->w[i] * (xt[i] * r);
+    }
+}
 
 /* y (N, d) = x * rstd * w, rstd (N) = 1 / sqrt(mean(x^2) + eps) (kept for backward). */
 void train_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int N, int d,
                            float eps)
 {
-    for (int t = 0; t < N; t++) {
-        const float *xt = x + (size_t)t * d;
-        float *yt = y + (size_t)t * d;
-        double ss = 0.0;
-        for (int i = 0; i < d; i++)
-            ss += (double)xt[i] * xt[i];
-        float r = (float)(1.0 / sqrt(ss / d + eps));
-        rstd[t] = r;
-        for (int i = 0; i < d; i++)
-            yt[i] = w[i] * (xt[i] * r);
+    rms_args a = {.y = y, .rstd = rstd, .x = x, .w = w, .N = N, .d = d, .eps = eps};
+    tensor_parallel_for(ceil_div(N, TOK_TASK), rms_forward_task, &a);
+}
+
+/* Tasks below ceil(N / TOK_TASK) take rows of dx; the others a block of dw's columns, summed
+ * over every token in order. */
+SIMD_CLONES static void rms_backward_task(void *arg, int task, int tid)
+{
+    const rms_args *a = arg;
+    int d = a->d, n_row = ceil_div(a->N, TOK_TASK);
+    const float *w = a->w;
+    if (task < n_row) {
+        for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, a->N); t < t1; t++) {
+            const float *xt = a->x + (size_t)t * d, *dyt = a->dy + (size_t)t * d;
+            float *dxt = a->dx + (size_t)t * d;
+            const float *bt = a->base ? a->base + (size_t)t * d : NULL;
+            float r = a->r[t];
+            double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+            for (int i = 0; i < d; i++)
+                dot += (double)(dyt[i] * w[i]) * xt[i];
+            float c = (float)(dot * r * r * r / d);
+            if (bt) {
+#pragma omp simd
+                for (int i = 0; i < d; i++)
+                    dxt[i] = bt[i] + (r * (dyt[i] * w[i]) - c * xt[i]);
+            } else {
+#pragma omp simd
+                for (int i = 0; i < d; i++)
+                    dxt[i] = r * (dyt[i] * w[i]) - c * xt[i];
+            }
+        }
+        return;
     }
+    int i0 = (task - n_row) * COL_TASK, n = imin(COL_TASK, d - i0);
+    float acc[COL_TASK];
+    memcpy(acc, a->dw + i0, (size_t)n * sizeof(float));
+    for (int t = 0; t < a->N; t++) {
+        const float *xt = a->x + (size_t)t * d + i0, *dyt = a->dy + (size_t)t * d + i0;
+        float r = a->r[t];
+#pragma omp simd
+        for (int i = 0; i < n; i++)
+            acc[i] += dyt[i] * xt[i] * r;
+    }
+    memcpy(a->dw + i0, acc, (size_t)n * sizeof(float));
 }
 
 /*
@@ -124,27 +268,26 @@ void train_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w
  *   dw += sum_t dy * x * r
  *   dx += r * (dy * w) - x * r^3 / d * sum_i (dy_i w_i x_i)
  */
+/* dx = base + d rmsnorm / dx (base NULL: 0; base = dx: accumulate), dw += ... */
+static void rmsnorm_backward(float *dx, const float *base, float *dw, const float *dy,
+                             const float *x, const float *rstd, const float *w, int N, int d)
+{
+    rms_args a = {.dx = dx, .base = base, .dw = dw, .dy = dy, .x = x, .r = rstd, .w = w, .N = N,
+                  .d = d};
+    tensor_parallel_for(ceil_div(N, TOK_TASK) + ceil_div(d, COL_TASK), rms_backward_task, &a);
+}
+
 void train_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                             const float *rstd, const float *w, int N, int d)
 {
-    for (int t = 0; t < N; t++) {
-        const float *xt = x + (size_t)t * d, *dyt = dy + (size_t)t * d;
-        float *dxt = dx + (size_t)t * d;
-        double r = rstd[t], dot = 0.0;
-        for (int i = 0; i < d; i++) {
-            dot += (double)dyt[i] * w[i] * xt[i];
-            dw[i] += (float)(dyt[i] * xt[i] * r);
-        }
-        double c = dot * r * r * r / d;
-        for (int i = 0; i < d; i++)
-            dxt[i] += (float)(r * dyt[i] * w[i] - c * xt[i]);
-    }
+    rmsnorm_backward(dx, dx, dw, dy, x, rstd, w, N, d);
 }
 
 /*
  * Rotate-half RoPE (sign = +1, as tensor_rope) or its transpose (sign = -1), the backward:
  * the rotation by angle a is orthogonal, so its gradient is the rotation by -a.
- *   x (N, n_heads*hd), pos (N), inv_freq (hd/2).
+ *   x (N, n_heads*hd), pos (N), inv_freq (hd/2). The reference; the model uses rope_run, the
+ *   same rotation from a table of cos and sin per position.
  */
 void train_rope(float *x, const int32_t *pos, int N, int n_heads, int hd, const float *inv_freq,
                 int sign)
@@ -167,6 +310,40 @@ void train_rope(float *x, const int32_t *pos, int N, int n_heads, int hd, const 
     }
 }
 
+typedef struct rope_args {
+    float *x;
+    const int32_t *pos;
+    const float *cos, *sin; /* (T_max, hd/2) */
+    int N, n_heads, hd;
+    float sign;
+} rope_args;
+
+SIMD_CLONES static void rope_task(void *arg, int task, int tid)
+{
+    const rope_args *a = arg;
+    int half = a->hd / 2;
+    for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, a->N); t < t1; t++) {
+        const float *c = a->cos + (size_t)a->pos[t] * half, *s = a->sin + (size_t)a->pos[t] * half;
+        for (int h = 0; h < a->n_heads; h++) {
+            float *x1 = a->x + ((size_t)t * a->n_heads + h) * a->hd, *x2 = x1 + half;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                float u = x1[i], v = x2[i], si = a->sign * s[i];
+                x1[i] = u * c[i] - v * si;
+                x2[i] = v * c[i] + u * si;
+            }
+        }
+    }
+}
+
+/* train_rope over the model's table of angles (positions < T_max). */
+static void rope_run(const train_model *m, float *x, int n_heads, int sign)
+{
+    rope_args a = {.x = x, .pos = m->pos, .cos = m->rope_cos, .sin = m->rope_sin, .N = m->N,
+                   .n_heads = n_heads, .hd = m->cfg.model.head_dim, .sign = (float)sign};
+    tensor_parallel_for(ceil_div(m->N, TOK_TASK), rope_task, &a);
+}
+
 /*
  * Causal GQA attention of B sequences of T tokens, keeping the probabilities.
  *   out (N, H*hd); q (N, H*hd); k, v (N, Hkv*hd); P (B, H, T, T) (zero above the diagonal).
@@ -176,42 +353,44 @@ typedef struct attn_args {
     const float *q, *k, *v, *d_out;
     float *dq, *dk, *dv, *scratch;
     int B, T, H, Hkv, hd;
-    float scale;
+    float scale, beta;
 } attn_args;
 
-/* Per (sequence, head), two single-threaded SGEMMs: S = scale q_h k_h^T over the full T x T (the
- * masked upper triangle is computed and thrown away: twice the causal FLOPs, but at GEMM speed,
- * 8x the scalar loops' on the shakespeare-moe shape), row softmax over j <= i, out_h = P v_h. */
-static void attn_forward_job(void *arg, int tid, int nth)
+/* Per (sequence, head) task, two single-threaded SGEMMs: S = scale q_h k_h^T over the full
+ * T x T (the masked upper triangle is computed and thrown away: twice the causal FLOPs, but at
+ * GEMM speed, 8x the scalar loops' on the shakespeare-moe shape), row softmax over j <= i,
+ * out_h = P v_h. */
+SIMD_CLONES static void attn_forward_task(void *arg, int bh, int tid)
 {
     attn_args *a = arg;
     int T = a->T, H = a->H, Hkv = a->Hkv, hd = a->hd, group = H / Hkv;
     int qrow = H * hd, kvrow = Hkv * hd;
-    for (int bh = tid; bh < a->B * H; bh += nth) {
-        int b = bh / H, h = bh % H, kh = h / group;
-        const float *qh = a->q + (size_t)b * T * qrow + (size_t)h * hd;
-        const float *kb = a->k + (size_t)b * T * kvrow + (size_t)kh * hd;
-        const float *vb = a->v + (size_t)b * T * kvrow + (size_t)kh * hd;
-        float *P = a->P + (size_t)bh * T * T;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, a->scale, qh, qrow, kb,
-                    kvrow, 0.0f, P, T);
-        for (int i = 0; i < T; i++) {
-            float *Pi = P + (size_t)i * T, m = -INFINITY, z = 0.0f;
-            for (int j = 0; j <= i; j++)
-                m = Pi[j] > m ? Pi[j] : m;
-            for (int j = 0; j <= i; j++) {
-                Pi[j] = expf(Pi[j] - m);
-                z += Pi[j];
-            }
-            float inv = 1.0f / z;
-            for (int j = 0; j <= i; j++)
-                Pi[j] *= inv;
-            for (int j = i + 1; j < T; j++)
-                Pi[j] = 0.0f;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, P, T, vb, kvrow,
-                    0.0f, a->out + (size_t)b * T * qrow + (size_t)h * hd, qrow);
+    int b = bh / H, h = bh % H, kh = h / group;
+    const float *qh = a->q + (size_t)b * T * qrow + (size_t)h * hd;
+    const float *kb = a->k + (size_t)b * T * kvrow + (size_t)kh * hd;
+    const float *vb = a->v + (size_t)b * T * kvrow + (size_t)kh * hd;
+    float *P = a->P + (size_t)bh * T * T;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, a->scale, qh, qrow, kb, kvrow,
+                0.0f, P, T);
+    for (int i = 0; i < T; i++) {
+        float *Pi = P + (size_t)i * T, m = -INFINITY, z = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int j = 0; j <= i; j++)
+            m = Pi[j] > m ? Pi[j] : m;
+#pragma omp simd
+        for (int j = 0; j <= i; j++)
+            Pi[j] = vexpf(Pi[j] - m);
+#pragma omp simd reduction(+ : z)
+        for (int j = 0; j <= i; j++)
+            z += Pi[j];
+        float inv = 1.0f / z;
+#pragma omp simd
+        for (int j = 0; j <= i; j++)
+            Pi[j] *= inv;
+        memset(Pi + i + 1, 0, (size_t)(T - i - 1) * sizeof(float));
     }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, P, T, vb, kvrow, 0.0f,
+                a->out + (size_t)b * T * qrow + (size_t)h * hd, qrow);
 }
 
 void train_attention_forward(float *out, float *P, const float *q, const float *k, const float *v,
@@ -219,76 +398,89 @@ void train_attention_forward(float *out, float *P, const float *q, const float *
 {
     attn_args a = {.out = out, .P = P, .q = q, .k = k, .v = v, .B = B, .T = T, .H = H,
                    .Hkv = Hkv, .hd = hd, .scale = 1.0f / sqrtf((float)hd)};
-    tensor_parallel(attn_forward_job, &a);
+    tensor_parallel_for(B * H, attn_forward_task, &a);
 }
 
 /*
- * Backward, per sequence (heads of one kv group write the same dk, dv rows, so the parallel
- * split is over sequences), per head, as SGEMMs over T x T:
+ * Backward, one task per (sequence, kv head): the heads of one kv group write the same dk, dv
+ * rows, so they run in order in one task. Per head, as SGEMMs over T x T:
  *   dP = dO v^T;  dS_ij = scale P_ij (dP_ij - sum_j' P_ij' dP_ij') (0 above the diagonal)
- *   dq += dS k;  dk += dS^T q;  dv += P^T dO
- * dq, dk, dv are accumulated (+=). scratch: (threads, T*T) floats.
+ *   dq = beta dq + dS k;  dk = beta dk + dS^T q;  dv = beta dv + P^T dO
+ * (beta applies once: the first head of a group overwrites dk, dv when beta is 0).
+ * scratch: (threads, T*T) floats.
  */
-static void attn_backward_job(void *arg, int tid, int nth)
+SIMD_CLONES static void attn_backward_task(void *arg, int bk, int tid)
 {
     attn_args *a = arg;
     int T = a->T, H = a->H, Hkv = a->Hkv, hd = a->hd, group = H / Hkv;
     int qrow = H * hd, kvrow = Hkv * hd;
+    int b = bk / Hkv, kh = bk % Hkv;
     float *dS = a->scratch + (size_t)tid * T * T;
-    for (int b = tid; b < a->B; b += nth) {
-        for (int h = 0; h < H; h++) {
-            int kh = h / group;
-            size_t qo = (size_t)b * T * qrow + (size_t)h * hd;
-            size_t ko = (size_t)b * T * kvrow + (size_t)kh * hd;
-            const float *P = a->P + ((size_t)b * H + h) * T * T;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, a->d_out + qo,
-                        qrow, a->v + ko, kvrow, 0.0f, dS, T);
-            for (int i = 0; i < T; i++) {
-                const float *Pi = P + (size_t)i * T;
-                float *dSi = dS + (size_t)i * T;
-                double dot = 0.0;
-                for (int j = 0; j <= i; j++)
-                    dot += (double)dSi[j] * Pi[j];
-                for (int j = 0; j <= i; j++)
-                    dSi[j] = Pi[j] * (dSi[j] - (float)dot) * a->scale;
-                for (int j = i + 1; j < T; j++)
-                    dSi[j] = 0.0f;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T,
-                        a->k + ko, kvrow, 1.0f, a->dq + qo, qrow);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T, a->q + qo,
-                        qrow, 1.0f, a->dk + ko, kvrow);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, P, T,
-                        a->d_out + qo, qrow, 1.0f, a->dv + ko, kvrow);
+    size_t ko = (size_t)b * T * kvrow + (size_t)kh * hd;
+    for (int h = kh * group; h < (kh + 1) * group; h++) {
+        size_t qo = (size_t)b * T * qrow + (size_t)h * hd;
+        const float *P = a->P + ((size_t)b * H + h) * T * T;
+        float beta_kv = h == kh * group ? a->beta : 1.0f;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, a->d_out + qo, qrow,
+                    a->v + ko, kvrow, 0.0f, dS, T);
+        for (int i = 0; i < T; i++) {
+            const float *Pi = P + (size_t)i * T;
+            float *dSi = dS + (size_t)i * T;
+            double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+            for (int j = 0; j <= i; j++)
+                dot += (double)dSi[j] * Pi[j];
+            float dotf = (float)dot;
+#pragma omp simd
+            for (int j = 0; j <= i; j++)
+                dSi[j] = Pi[j] * (dSi[j] - dotf) * a->scale;
+            memset(dSi + i + 1, 0, (size_t)(T - i - 1) * sizeof(float));
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T, a->k + ko,
+                    kvrow, a->beta, a->dq + qo, qrow);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, dS, T, a->q + qo,
+                    qrow, beta_kv, a->dk + ko, kvrow);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, P, T, a->d_out + qo,
+                    qrow, beta_kv, a->dv + ko, kvrow);
     }
 }
 
+static void attention_backward(float *dq, float *dk, float *dv, const float *d_out,
+                               const float *P, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int Hkv, int hd, float *scratch, float beta)
+{
+    attn_args a = {.P = (float *)P, .q = q, .k = k, .v = v, .d_out = d_out, .dq = dq, .dk = dk,
+                   .dv = dv, .scratch = scratch, .B = B, .T = T, .H = H, .Hkv = Hkv, .hd = hd,
+                   .scale = 1.0f / sqrtf((float)hd), .beta = beta};
+    tensor_parallel_for(B * Hkv, attn_backward_task, &a);
+}
+
+/* dq, dk, dv are accumulated (+=). scratch: (threads, T*T) floats. */
 void train_attention_backward(float *dq, float *dk, float *dv, const float *d_out, const float *P,
                               const float *q, const float *k, const float *v, int B, int T, int H,
                               int Hkv, int hd, float *scratch)
 {
-    attn_args a = {.P = (float *)P, .q = q, .k = k, .v = v, .d_out = d_out, .dq = dq, .dk = dk,
-                   .dv = dv, .scratch = scratch, .B = B, .T = T, .H = H, .Hkv = Hkv, .hd = hd,
-                   .scale = 1.0f / sqrtf((float)hd)};
-    tensor_parallel(attn_backward_job, &a);
+    attention_backward(dq, dk, dv, d_out, P, q, k, v, B, T, H, Hkv, hd, scratch, 1.0f);
 }
 
 /* a (n) = silu(g) * u */
-void train_swiglu_forward(float *a, const float *g, const float *u, size_t n)
+SIMD_CLONES void train_swiglu_forward(float *a, const float *g, const float *u, size_t n)
 {
+#pragma omp simd
     for (size_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-g[i]));
+        float s = 1.0f / (1.0f + vexpf(-g[i]));
         a[i] = g[i] * s * u[i];
     }
 }
 
-/* dg = da * u * silu'(g), du = da * silu(g); silu'(g) = s (1 + g (1 - s)). Overwrites. */
-void train_swiglu_backward(float *dg, float *du, const float *da, const float *g, const float *u,
-                           size_t n)
+/* dg = da * u * silu'(g), du = da * silu(g); silu'(g) = s (1 + g (1 - s)). Overwrites; da may
+ * be du. */
+SIMD_CLONES void train_swiglu_backward(float *dg, float *du, const float *da, const float *g,
+                                       const float *u, size_t n)
 {
+#pragma omp simd
     for (size_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-g[i]));
+        float s = 1.0f / (1.0f + vexpf(-g[i]));
         float dai = da[i];
         dg[i] = dai * u[i] * s * (1.0f + g[i] * (1.0f - s));
         du[i] = dai * g[i] * s;
@@ -296,36 +488,171 @@ void train_swiglu_backward(float *dg, float *du, const float *da, const float *g
 }
 
 /*
- * SwiGLU FFN over n rows: g = x W1^T, u = x W3^T, a = silu(g) u, y = a W2^T
- *   x (n, d); g, u, a (n, I) kept; y (n, d); w1, w3 (I, d); w2 (d, I).
+ * SwiGLU FFNs over segments of rows (one segment per expert, or one for a dense FFN):
+ *   g = x W1^T, u = x W3^T, a = silu(g) u, y = a W2^T
+ *   x (rows, d); g, u, a (rows, I) kept; y (rows, d); w1, w3 (I, d); w2 (d, I).
+ * Forward tasks: a piece of one segment's rows, the whole FFN on it with single-threaded
+ * SGEMMs. Backward, in two rounds of tasks:
+ *   1. pieces of rows: da = dy W2, (dg, du) = swiglu', dx = beta dx + dg W1 + du W3;
+ *      and blocks of rows of dW2 += dy^T a
+ *   2. blocks of rows of dW1 += dg^T x, of dW3 += du^T x
+ * A weight-gradient block sums over all of its segment's rows in one SGEMM, so no sum is split.
+ * The pieces are as large as the thread count allows (each SGEMM packs its weights again: on
+ * one thread a whole expert is one piece, as many rows as one GEMM per weight had); since GEMM
+ * rows and output blocks are computed independently, the split changes no result.
  */
+typedef struct ffn_args {
+    const train_ffn_seg *seg;
+    int n_seg, d, I;
+    int *task0, *piece; /* (n_seg + 1) first row task of each segment; (n_seg) rows per task */
+    int blocks;         /* row blocks of each weight gradient */
+    float *y, *g, *u, *a, *dx, *dg, *du;
+    const float *x, *dy;
+    float beta; /* of y (forward), of dx (backward) */
+} ffn_args;
+
+/* Row pieces and weight-gradient blocks for the thread count: about 4 tasks per thread, rows
+ * per piece within [64, 512]. */
+static void ffn_plan(ffn_args *f)
+{
+    int nth = tensor_get_threads(), rows = 0;
+    for (int s = 0; s < f->n_seg; s++)
+        rows += f->seg[s].n > 0 ? f->seg[s].n : 0;
+    int per = rows / (4 * nth);
+    per = per < 64 ? 64 : per > 512 ? 512 : per;
+    f->task0 = xmalloc((size_t)(2 * f->n_seg + 1) * sizeof(int));
+    f->piece = f->task0 + f->n_seg + 1;
+    f->task0[0] = 0;
+    for (int s = 0; s < f->n_seg; s++) {
+        int n = f->seg[s].n > 0 ? f->seg[s].n : 0, k = ceil_div(n, per);
+        f->piece[s] = k ? ceil_div(n, k) : 0;
+        f->task0[s + 1] = f->task0[s] + k;
+    }
+    int b = ceil_div(4 * nth, 3 * f->n_seg);
+    f->blocks = b < 1 ? 1 : b;
+}
+
+/* Segment, first row and row count of row task i. */
+static const train_ffn_seg *ffn_row_task(const ffn_args *f, int i, int *r, int *n)
+{
+    int s = 0;
+    while (f->task0[s + 1] <= i)
+        s++;
+    int c = (i - f->task0[s]) * f->piece[s];
+    *r = f->seg[s].r0 + c;
+    *n = imin(f->piece[s], f->seg[s].n - c);
+    return &f->seg[s];
+}
+
+/* Rows [*i0, *i0 + return) of a weight gradient of `rows` rows, block j of f->blocks (whole
+ * multiples of 16 rows). */
+static int ffn_block(const ffn_args *f, int rows, int j, int *i0)
+{
+    int per = (ceil_div(rows, f->blocks) + 15) & ~15;
+    *i0 = j * per;
+    return *i0 < rows ? imin(per, rows - *i0) : 0;
+}
+
+static void ffn_forward_task(void *arg, int i, int tid)
+{
+    const ffn_args *f = arg;
+    int r, n, d = f->d, I = f->I;
+    const train_ffn_seg *s = ffn_row_task(f, i, &r, &n);
+    float *g = f->g + (size_t)r * I, *u = f->u + (size_t)r * I, *a = f->a + (size_t)r * I;
+    const float *x = f->x + (size_t)r * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, I, d, 1.0f, x, d, s->w1, d, 0.0f, g,
+                I);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, I, d, 1.0f, x, d, s->w3, d, 0.0f, u,
+                I);
+    train_swiglu_forward(a, g, u, (size_t)n * I);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, I, 1.0f, a, I, s->w2, I, f->beta,
+                f->y + (size_t)r * d, d);
+}
+
+void train_ffn_forward_segs(float *y, float *g, float *u, float *a, const float *x,
+                            const train_ffn_seg *seg, int n_seg, int d, int I, float beta)
+{
+    ffn_args f = {.seg = seg, .n_seg = n_seg, .d = d, .I = I, .y = y, .g = g, .u = u, .a = a,
+                  .x = x, .beta = beta};
+    ffn_plan(&f);
+    tensor_parallel_for(f.task0[n_seg], ffn_forward_task, &f);
+    free(f.task0);
+}
+
+static void ffn_backward_task1(void *arg, int i, int tid)
+{
+    const ffn_args *f = arg;
+    int d = f->d, I = f->I, n_rows = f->task0[f->n_seg];
+    if (i < n_rows) {
+        int r, n;
+        const train_ffn_seg *s = ffn_row_task(f, i, &r, &n);
+        float *dg = f->dg + (size_t)r * I, *du = f->du + (size_t)r * I;
+        float *dx = f->dx + (size_t)r * d;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, I, d, 1.0f,
+                    f->dy + (size_t)r * d, d, s->w2, I, 0.0f, du, I); /* du holds da for now */
+        train_swiglu_backward(dg, du, du, f->g + (size_t)r * I, f->u + (size_t)r * I,
+                              (size_t)n * I);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, I, 1.0f, dg, I, s->w1, d,
+                    f->beta, dx, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, I, 1.0f, du, I, s->w3, d,
+                    1.0f, dx, d);
+        return;
+    }
+    const train_ffn_seg *s = &f->seg[(i - n_rows) / f->blocks];
+    int j0, m = ffn_block(f, d, (i - n_rows) % f->blocks, &j0);
+    if (s->n <= 0 || m <= 0)
+        return;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, I, s->n, 1.0f,
+                f->dy + (size_t)s->r0 * d + j0, d, f->a + (size_t)s->r0 * I, I, 1.0f,
+                s->g2 + (size_t)j0 * I, I);
+}
+
+static void ffn_backward_task2(void *arg, int i, int tid)
+{
+    const ffn_args *f = arg;
+    int d = f->d, I = f->I;
+    const train_ffn_seg *s = &f->seg[i / (2 * f->blocks)];
+    int which = i / f->blocks % 2, i0, m = ffn_block(f, I, i % f->blocks, &i0);
+    if (s->n <= 0 || m <= 0)
+        return;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, d, s->n, 1.0f,
+                (which ? f->du : f->dg) + (size_t)s->r0 * I + i0, I, f->x + (size_t)s->r0 * d,
+                d, 1.0f, (which ? s->g3 : s->g1) + (size_t)i0 * d, d);
+}
+
+void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const float *g,
+                             const float *u, const float *a, const train_ffn_seg *seg, int n_seg,
+                             int d, int I, float *dg, float *du, float beta)
+{
+    ffn_args f = {.seg = seg, .n_seg = n_seg, .d = d, .I = I, .dx = dx, .dy = dy, .x = x,
+                  .g = (float *)g, .u = (float *)u, .a = (float *)a, .dg = dg, .du = du,
+                  .beta = beta};
+    ffn_plan(&f);
+    int n_rows = f.task0[n_seg];
+    tensor_parallel_for(n_rows + n_seg * f.blocks, ffn_backward_task1, &f);
+    tensor_parallel_for(n_seg * 2 * f.blocks, ffn_backward_task2, &f);
+    free(f.task0);
+}
+
+/* The dense FFN over n rows: one segment. */
 void train_ffn_forward(float *y, float *g, float *u, float *a, const float *x, const float *w1,
                        const float *w3, const float *w2, int n, int d, int I)
 {
-    if (n <= 0)
-        return;
-    tensor_matmul(g, x, w1, NULL, n, d, I);
-    tensor_matmul(u, x, w3, NULL, n, d, I);
-    train_swiglu_forward(a, g, u, (size_t)n * I);
-    tensor_matmul(y, a, w2, NULL, n, I, d);
+    train_ffn_seg s = {.r0 = 0, .n = n, .w1 = w1, .w3 = w3, .w2 = w2};
+    if (n > 0)
+        train_ffn_forward_segs(y, g, u, a, x, &s, 1, d, I, 0.0f);
 }
 
-/* Backward: dx (n, d) += ..., dw1, dw3, dw2 += ...; scratch dg, du (n, I) (da reuses dg). */
+/* Backward: dx (n, d) += ..., dw1, dw3, dw2 += ...; scratch dg, du (n, I). */
 void train_ffn_backward(float *dx, float *dw1, float *dw3, float *dw2, const float *dy,
                         const float *x, const float *g, const float *u, const float *a,
                         const float *w1, const float *w3, const float *w2, int n, int d, int I,
                         float *dg, float *du)
 {
-    if (n <= 0)
-        return;
-    train_mm_dw(dw2, dy, a, n, I, d);
-    memset(du, 0, (size_t)n * I * sizeof(float));
-    train_mm_dx(du, dy, w2, n, I, d); /* du holds da for now */
-    train_swiglu_backward(dg, du, du, g, u, (size_t)n * I);
-    train_mm_dw(dw1, dg, x, n, d, I);
-    train_mm_dw(dw3, du, x, n, d, I);
-    train_mm_dx(dx, dg, w1, n, d, I);
-    train_mm_dx(dx, du, w3, n, d, I);
+    train_ffn_seg s = {.r0 = 0, .n = n, .w1 = w1, .w3 = w3, .w2 = w2, .g1 = dw1, .g3 = dw3,
+                       .g2 = dw2};
+    if (n > 0)
+        train_ffn_backward_segs(dx, dy, x, g, u, a, &s, 1, d, I, dg, du, 1.0f);
 }
 
 /* ------------------------------------------------------------------ config */
@@ -602,7 +929,7 @@ bool train_model_owns(const train_model *m, int i)
 
 void train_zero_grad(train_model *m)
 {
-    memset(m->grads, 0, m->n_params * sizeof(float));
+    par_copy(m->grads, NULL, m->n_params);
 }
 
 /* Norm weights start at 1, everything else N(0, std^2); one stream over the table in order,
@@ -639,7 +966,6 @@ int train_acts_init(train_model *m, loom_err *e)
            H = c->n_heads, Hkv = c->n_kv_heads, hd = c->head_dim, V = c->vocab_size,
            I = c->intermediate_size;
     bool dense = c->n_experts == 0;
-    int nth = tensor_get_threads();
     for (int pass = 0; pass < 2; pass++) {
         float *base = pass ? m->act_mem : NULL;
         size_t off = 0;
@@ -670,7 +996,6 @@ int train_acts_init(train_model *m, loom_err *e)
         CARVE(m->dao, N * H * hd);
         CARVE(m->dfg, dense ? N * I : 0);
         CARVE(m->dfu, dense ? N * I : 0);
-        CARVE(m->att_scratch, (size_t)(nth > 0 ? nth : 1) * T * T + T);
         if (!pass) {
             m->act_floats = off;
             m->act_mem = loom_alloc_aligned(off * sizeof(float));
@@ -685,6 +1010,17 @@ int train_acts_init(train_model *m, loom_err *e)
     m->tokens = xcalloc(N, sizeof(int32_t));
     m->targets = xcalloc(N, sizeof(int32_t));
     m->pos = xcalloc(N, sizeof(int32_t));
+    m->tok_loss = xcalloc(N, sizeof(double));
+    /* RoPE angles of every position, in f32 as train_rope (and transformers) computes them */
+    size_t half = hd / 2;
+    m->rope_cos = xmalloc(T * half * sizeof(float));
+    m->rope_sin = xmalloc(T * half * sizeof(float));
+    for (size_t p = 0; p < T; p++)
+        for (size_t i = 0; i < half; i++) {
+            float a = (float)p * m->inv_freq[i];
+            m->rope_cos[p * half + i] = cosf(a);
+            m->rope_sin[p * half + i] = sinf(a);
+        }
     return LOOM_OK;
 }
 
@@ -695,9 +1031,95 @@ void train_acts_free(train_model *m)
     free(m->tokens);
     free(m->targets);
     free(m->pos);
+    free(m->tok_loss);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    free(m->att_scratch);
+    m->att_scratch = NULL;
 }
 
 /* ------------------------------------------------------------------ forward */
+
+/* Per-thread scratch of the attention backward, for the thread count of now. */
+static void ensure_att_scratch(train_model *m)
+{
+    int nth = tensor_get_threads();
+    if (m->att_scratch && m->att_threads >= nth)
+        return;
+    size_t T = m->cfg.T_max;
+    free(m->att_scratch);
+    m->att_scratch = xmalloc((size_t)nth * T * T * sizeof(float));
+    m->att_threads = nth;
+}
+
+typedef struct tok_args {
+    train_model *m;
+    const float *src;
+    float *dst;
+    float scale; /* cross-entropy */
+} tok_args;
+
+static void embed_task(void *arg, int task, int tid)
+{
+    const tok_args *a = arg;
+    const train_model *m = a->m;
+    int d = m->cfg.model.hidden_size;
+    for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, m->N); t < t1; t++)
+        memcpy(m->x + (size_t)t * d, m->w.embed + (size_t)m->tokens[t] * d, d * sizeof(float));
+}
+
+/* Embedding backward: a block of columns of the table, every token in order. */
+SIMD_CLONES static void embed_backward_task(void *arg, int task, int tid)
+{
+    const tok_args *a = arg;
+    train_model *m = a->m;
+    int d = m->cfg.model.hidden_size, i0 = task * COL_TASK, n = imin(COL_TASK, d - i0);
+    for (int t = 0; t < m->N; t++) {
+        float *ge = m->g.embed + (size_t)m->tokens[t] * d + i0;
+        const float *dxt = m->dx + (size_t)t * d + i0;
+#pragma omp simd
+        for (int i = 0; i < n; i++)
+            ge[i] += dxt[i];
+    }
+}
+
+/*
+ * Cross-entropy of each token and, for the backward, dlogits = softmax - onehot (unscaled: the
+ * backward's GEMMs apply 1 / n_targets). Rows without a target get 0.
+ */
+SIMD_CLONES static void ce_task(void *arg, int task, int tid)
+{
+    const tok_args *a = arg;
+    train_model *m = a->m;
+    int V = m->cfg.model.vocab_size;
+    for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, m->N); t < t1; t++) {
+        const float *lt = m->logits + (size_t)t * V;
+        float *dl = m->dlogits + (size_t)t * V;
+        int y = m->targets[t];
+        if (y < 0) {
+            memset(dl, 0, (size_t)V * sizeof(float));
+            m->tok_loss[t] = 0.0;
+            continue;
+        }
+        float mx = lt[0];
+#pragma omp simd reduction(max : mx)
+        for (int i = 0; i < V; i++)
+            mx = lt[i] > mx ? lt[i] : mx;
+#pragma omp simd
+        for (int i = 0; i < V; i++)
+            dl[i] = vexpf(lt[i] - mx);
+        double z = 0.0;
+#pragma omp simd reduction(+ : z)
+        for (int i = 0; i < V; i++)
+            z += dl[i];
+        m->tok_loss[t] = log(z) + mx - lt[y];
+        float inv = (float)(1.0 / z);
+#pragma omp simd
+        for (int i = 0; i < V; i++)
+            dl[i] *= inv;
+        dl[y] -= 1.0f;
+    }
+}
 
 int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets, int B, int T,
                   train_loss *loss, loom_err *e)
@@ -726,10 +1148,8 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
     }
     size_t Nd = (size_t)N * d, Nq = (size_t)N * H * hd, Nkv = (size_t)N * Hkv * hd;
     size_t NI = (size_t)N * I, att_l = (size_t)B * H * T * T;
-
-    /* embedding */
-    for (int t = 0; t < N; t++)
-        memcpy(m->x + (size_t)t * d, m->w.embed + (size_t)tokens[t] * d, d * sizeof(float));
+    tok_args ta = {.m = m};
+    tensor_parallel_for(ceil_div(N, TOK_TASK), embed_task, &ta);
 
     m->moe_aux_ready = false;
     for (int l = 0; l < L; l++) {
@@ -742,23 +1162,22 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
         tensor_matmul(q, h1, w->wq, NULL, N, d, H * hd);
         tensor_matmul(k, h1, w->wk, NULL, N, d, Hkv * hd);
         tensor_matmul(v, h1, w->wv, NULL, N, d, Hkv * hd);
-        train_rope(q, m->pos, N, H, hd, m->inv_freq, 1);
-        train_rope(k, m->pos, N, Hkv, hd, m->inv_freq, 1);
+        rope_run(m, q, H, 1);
+        rope_run(m, k, Hkv, 1);
         train_attention_forward(ao, P, q, k, v, B, T, H, Hkv, hd);
-        memcpy(x2, x, Nd * sizeof(float));
+        par_copy(x2, x, Nd);
         tensor_matmul_add(x2, ao, w->wo, N, H * hd, d);
         train_rmsnorm_forward(h2, m->rstd2 + (size_t)l * N, x2, w->ln2, N, d, c->rms_norm_eps);
-        memcpy(xn, x2, Nd * sizeof(float));
         if (c->n_experts > 0) {
-            int rc = train_moe_forward(m, l, h2, xn, e);
+            int rc = train_moe_forward(m, l, h2, x2, xn, e);
             if (rc)
                 return rc;
         } else {
-            float *fg = m->fg + l * NI, *fu = m->fu + l * NI, *fa = m->fa + l * NI;
-            tensor_matmul(fg, h2, w->w_gate, NULL, N, d, I);
-            tensor_matmul(fu, h2, w->w_up, NULL, N, d, I);
-            train_swiglu_forward(fa, fg, fu, NI);
-            tensor_matmul_add(xn, fa, w->w_down, N, I, d);
+            train_ffn_seg s = {.r0 = 0, .n = N, .w1 = w->w_gate, .w3 = w->w_up,
+                               .w2 = w->w_down};
+            par_copy(xn, x2, Nd);
+            train_ffn_forward_segs(xn, m->fg + l * NI, m->fu + l * NI, m->fa + l * NI, h2, &s,
+                                   1, d, I, 1.0f);
         }
     }
 
@@ -766,21 +1185,13 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
     train_rmsnorm_forward(m->hf, m->rstdf, m->x + (size_t)L * Nd, m->w.norm, N, d,
                           c->rms_norm_eps);
     tensor_matmul(m->logits, m->hf, m->w.lm_head, NULL, N, d, V);
+    tensor_parallel_for(ceil_div(N, TOK_TASK), ce_task, &ta);
     double sums[2] = {0.0, 0.0}; /* CE sum, valid targets */
-    for (int t = 0; t < N; t++) {
-        int y = m->targets[t];
-        if (y < 0)
-            continue;
-        const float *lt = m->logits + (size_t)t * V;
-        float mx = lt[0];
-        for (int i = 1; i < V; i++)
-            mx = lt[i] > mx ? lt[i] : mx;
-        double z = 0.0;
-        for (int i = 0; i < V; i++)
-            z += exp((double)lt[i] - mx);
-        sums[0] += log(z) + mx - lt[y];
-        sums[1] += 1.0;
-    }
+    for (int t = 0; t < N; t++)
+        if (m->targets[t] >= 0) {
+            sums[0] += m->tok_loss[t];
+            sums[1] += 1.0;
+        }
     train_dist_allreduce_f64(m->dist, sums, 2);
     m->n_targets_global = (int64_t)sums[1];
     train_loss lo = {0};
@@ -807,33 +1218,14 @@ int train_backward(train_model *m, float scale, loom_err *e)
         return loom_errf(e, LOOM_EINVAL, "train: backward without a forward");
     size_t Nd = (size_t)N * d, Nq = (size_t)N * H * hd, Nkv = (size_t)N * Hkv * hd;
     size_t NI = (size_t)N * I, att_l = (size_t)B * H * T * T;
+    ensure_att_scratch(m);
 
-    /* d CE / d logits = (softmax - onehot) / n_targets */
+    /* d CE / d logits = (softmax - onehot) / n_targets: the forward left softmax - onehot */
     float inv = m->n_targets_global > 0 ? scale / (float)m->n_targets_global : 0.0f;
-    for (int t = 0; t < N; t++) {
-        const float *lt = m->logits + (size_t)t * V;
-        float *dl = m->dlogits + (size_t)t * V;
-        int y = m->targets[t];
-        if (y < 0) {
-            memset(dl, 0, (size_t)V * sizeof(float));
-            continue;
-        }
-        float mx = lt[0];
-        for (int i = 1; i < V; i++)
-            mx = lt[i] > mx ? lt[i] : mx;
-        double z = 0.0;
-        for (int i = 0; i < V; i++)
-            z += exp((double)lt[i] - mx);
-        for (int i = 0; i < V; i++)
-            dl[i] = (float)(exp((double)lt[i] - mx) / z) * inv;
-        dl[y] -= inv;
-    }
-    train_mm_dw(m->g.lm_head, m->dlogits, m->hf, N, d, V);
-    memset(m->dh, 0, Nd * sizeof(float));
-    train_mm_dx(m->dh, m->dlogits, m->w.lm_head, N, d, V);
-    memset(m->dx, 0, Nd * sizeof(float));
-    train_rmsnorm_backward(m->dx, m->g.norm, m->dh, m->x + (size_t)L * Nd, m->rstdf, m->w.norm,
-                           N, d);
+    mm_run(MM_DW, m->g.lm_head, m->dlogits, m->hf, N, d, V, inv, 1.0f);
+    mm_run(MM_DX, m->dh, m->dlogits, m->w.lm_head, N, d, V, inv, 0.0f);
+    rmsnorm_backward(m->dx, NULL, m->g.norm, m->dh, m->x + (size_t)L * Nd, m->rstdf, m->w.norm,
+                     N, d);
 
     for (int l = L - 1; l >= 0; l--) {
         const train_layer_weights *w = &m->w.layers[l];
@@ -843,46 +1235,37 @@ int train_backward(train_model *m, float scale, loom_err *e)
         float *q = m->q + l * Nq, *k = m->k + l * Nkv, *v = m->v + l * Nkv;
         float *ao = m->ao + l * Nq, *P = m->att + l * att_l;
         /* m->dx holds dL/dx_{l+1}; the FFN's output and the residual both get it */
-        memset(m->dh, 0, Nd * sizeof(float));
         if (c->n_experts > 0) {
             int rc = train_moe_backward(m, l, h2, m->dx, m->dh, scale, e);
             if (rc)
                 return rc;
         } else {
-            train_ffn_backward(m->dh, g->w_gate, g->w_up, g->w_down, m->dx, h2, m->fg + l * NI,
-                               m->fu + l * NI, m->fa + l * NI, w->w_gate, w->w_up, w->w_down, N,
-                               d, I, m->dfg, m->dfu);
+            train_ffn_seg s = {.r0 = 0, .n = N, .w1 = w->w_gate, .w3 = w->w_up,
+                               .w2 = w->w_down, .g1 = g->w_gate, .g3 = g->w_up,
+                               .g2 = g->w_down};
+            train_ffn_backward_segs(m->dh, m->dx, h2, m->fg + l * NI, m->fu + l * NI,
+                                    m->fa + l * NI, &s, 1, d, I, m->dfg, m->dfu, 0.0f);
         }
-        memcpy(m->dx2, m->dx, Nd * sizeof(float));
-        train_rmsnorm_backward(m->dx2, g->ln2, m->dh, x2, m->rstd2 + (size_t)l * N, w->ln2, N, d);
+        rmsnorm_backward(m->dx2, m->dx, g->ln2, m->dh, x2, m->rstd2 + (size_t)l * N, w->ln2, N,
+                         d);
         /* attention */
         train_mm_dw(g->wo, m->dx2, ao, N, H * hd, d);
-        memset(m->dao, 0, Nq * sizeof(float));
-        train_mm_dx(m->dao, m->dx2, w->wo, N, H * hd, d);
-        memset(m->dq, 0, Nq * sizeof(float));
-        memset(m->dk, 0, Nkv * sizeof(float));
-        memset(m->dv, 0, Nkv * sizeof(float));
-        train_attention_backward(m->dq, m->dk, m->dv, m->dao, P, q, k, v, B, T, H, Hkv, hd,
-                                 m->att_scratch);
-        train_rope(m->dq, m->pos, N, H, hd, m->inv_freq, -1);
-        train_rope(m->dk, m->pos, N, Hkv, hd, m->inv_freq, -1);
+        mm_run(MM_DX, m->dao, m->dx2, w->wo, N, H * hd, d, 1.0f, 0.0f);
+        attention_backward(m->dq, m->dk, m->dv, m->dao, P, q, k, v, B, T, H, Hkv, hd,
+                           m->att_scratch, 0.0f);
+        rope_run(m, m->dq, H, -1);
+        rope_run(m, m->dk, Hkv, -1);
         train_mm_dw(g->wq, m->dq, h1, N, d, H * hd);
         train_mm_dw(g->wk, m->dk, h1, N, d, Hkv * hd);
         train_mm_dw(g->wv, m->dv, h1, N, d, Hkv * hd);
-        memset(m->dh, 0, Nd * sizeof(float));
-        train_mm_dx(m->dh, m->dq, w->wq, N, d, H * hd);
+        mm_run(MM_DX, m->dh, m->dq, w->wq, N, d, H * hd, 1.0f, 0.0f);
         train_mm_dx(m->dh, m->dk, w->wk, N, d, Hkv * hd);
         train_mm_dx(m->dh, m->dv, w->wv, N, d, Hkv * hd);
-        memcpy(m->dx, m->dx2, Nd * sizeof(float));
-        train_rmsnorm_backward(m->dx, g->ln1, m->dh, x, m->rstd1 + (size_t)l * N, w->ln1, N, d);
+        rmsnorm_backward(m->dx, m->dx2, g->ln1, m->dh, x, m->rstd1 + (size_t)l * N, w->ln1, N,
+                         d);
     }
-    /* embedding: scatter-add */
-    for (int t = 0; t < N; t++) {
-        float *ge = m->g.embed + (size_t)m->tokens[t] * d;
-        const float *dxt = m->dx + (size_t)t * d;
-        for (int i = 0; i < d; i++)
-            ge[i] += dxt[i];
-    }
+    tok_args ta = {.m = m};
+    tensor_parallel_for(ceil_div(d, COL_TASK), embed_backward_task, &ta);
     return LOOM_OK;
 }
 

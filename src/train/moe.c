@@ -47,6 +47,7 @@ int train_moe_init(train_model *m, loom_err *e)
     m->moe = xcalloc((size_t)L, sizeof(train_moe_layer));
     m->d_weight = xmalloc((size_t)N * k * sizeof(float));
     m->d_scores = xmalloc((size_t)N * E * sizeof(float));
+    m->router_dl = xmalloc((size_t)N * E * sizeof(double));
     m->token_rank = xmalloc((size_t)N * sizeof(int32_t));
     for (int t = 0; t < N; t++)
         m->token_rank[t] = m->dist->rank;
@@ -115,9 +116,11 @@ void train_moe_free(train_model *m)
     m->moe = NULL;
     free(m->d_weight);
     free(m->d_scores);
+    free(m->router_dl);
     free(m->token_rank);
     free(m->eg_scratch);
     free(m->eu_scratch);
+    free(m->d_rin);
     moe_topology_free(&m->topo);
 }
 
@@ -145,6 +148,7 @@ static void ensure_recv(train_model *m, train_moe_layer *ml, int rrows)
         size_t big = (size_t)cap * (I > d ? I : d);
         grow(&m->eg_scratch, big);
         grow(&m->eu_scratch, big);
+        grow(&m->d_rin, (size_t)cap * d);
         m->escratch_cap = cap;
     }
 }
@@ -173,7 +177,162 @@ static void exchange_plan(const train_model *m, const train_moe_layer *ml, int w
     }
 }
 
-int train_moe_forward(train_model *m, int l, const float *h2, float *y, loom_err *e)
+/* ------------------------------------------------------------------ row movement */
+
+/*
+ * Dispatch, combine and their backwards over the pool (moe_dispatch and friends, in tasks of
+ * TOK rows). A token's rows are visited in buffer order, as moe_dispatch_backward does, so
+ * every sum comes out as theirs.
+ */
+#define TOK 32
+
+typedef struct rows_args {
+    const moe_plan *p;
+    const float *weight; /* (N, k) */
+    const float *src, *src2;
+    float *dst, *dst2;
+    int d;
+} rows_args;
+
+/* buf rows of one task <- rows of x (zero for padding) */
+static void dispatch_task(void *arg, int task, int tid)
+{
+    const rows_args *a = arg;
+    const moe_plan *p = a->p;
+    int d = a->d;
+    for (int r = task * TOK, r1 = r + TOK < p->n_rows ? r + TOK : p->n_rows; r < r1; r++) {
+        float *dst = a->dst + (size_t)r * d;
+        if (p->src[r] < 0)
+            memset(dst, 0, (size_t)d * sizeof(float));
+        else
+            memcpy(dst, a->src + (size_t)(p->src[r] / p->k) * d, (size_t)d * sizeof(float));
+    }
+}
+
+/* The buffer rows of token t's kept slots, ascending (k <= 256); returns how many. */
+static int token_rows(const moe_plan *p, int t, int *rows)
+{
+    int n = 0;
+    for (int j = 0; j < p->k; j++) {
+        int r = p->row[(size_t)t * p->k + j];
+        if (r < 0)
+            continue;
+        int i = n++;
+        for (; i > 0 && rows[i - 1] > r; i--)
+            rows[i] = rows[i - 1];
+        rows[i] = r;
+    }
+    return n;
+}
+
+/* y = x + sum over kept slots (in slot order, as moe_combine) of weight * out[row] */
+static void combine_task(void *arg, int task, int tid)
+{
+    const rows_args *a = arg;
+    const moe_plan *p = a->p;
+    int d = a->d, k = p->k;
+    for (int t = task * TOK, t1 = t + TOK < p->T ? t + TOK : p->T; t < t1; t++) {
+        float *yt = a->dst + (size_t)t * d;
+        const float *xt = a->src2 + (size_t)t * d;
+        int n = 0;
+        for (int j = 0; j < k; j++) {
+            int r = p->row[(size_t)t * k + j];
+            if (r < 0)
+                continue;
+            float w = a->weight[(size_t)t * k + j];
+            const float *o = a->src + (size_t)r * d;
+            if (n++ == 0)
+                for (int c = 0; c < d; c++)
+                    yt[c] = w * o[c];
+            else
+                for (int c = 0; c < d; c++)
+                    yt[c] += w * o[c];
+        }
+        if (n == 0)
+            memcpy(yt, xt, (size_t)d * sizeof(float));
+        else
+            for (int c = 0; c < d; c++)
+                yt[c] = xt[c] + yt[c];
+    }
+}
+
+/* d_weight (N, k) = dy . out[row]; d_out[row] = weight * dy (moe_combine_backward) */
+static void combine_backward_task(void *arg, int task, int tid)
+{
+    const rows_args *a = arg;
+    const moe_plan *p = a->p;
+    int d = a->d, k = p->k;
+    for (int t = task * TOK, t1 = t + TOK < p->T ? t + TOK : p->T; t < t1; t++) {
+        const float *dyt = a->src2 + (size_t)t * d;
+        for (int j = 0; j < k; j++) {
+            size_t s = (size_t)t * k + j;
+            int r = p->row[s];
+            if (r < 0) {
+                a->dst2[s] = 0.0f;
+                continue;
+            }
+            const float *o = a->src + (size_t)r * d;
+            double dot = 0.0;
+            for (int c = 0; c < d; c++)
+                dot += (double)dyt[c] * o[c];
+            a->dst2[s] = (float)dot;
+            float w = a->weight[s], *g = a->dst + (size_t)r * d;
+            for (int c = 0; c < d; c++)
+                g[c] = w * dyt[c];
+        }
+    }
+}
+
+/* d_x[t] = sum of d_buf over token t's rows, in buffer order (moe_dispatch_backward into 0) */
+static void dispatch_backward_task(void *arg, int task, int tid)
+{
+    const rows_args *a = arg;
+    const moe_plan *p = a->p;
+    int d = a->d, rows[256];
+    for (int t = task * TOK, t1 = t + TOK < p->T ? t + TOK : p->T; t < t1; t++) {
+        float *g = a->dst + (size_t)t * d;
+        int n = token_rows(p, t, rows);
+        memset(g, 0, (size_t)d * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            const float *b = a->src + (size_t)rows[i] * d;
+            for (int c = 0; c < d; c++)
+                g[c] += b[c];
+        }
+    }
+}
+
+static int n_tok_tasks(int n) { return (n + TOK - 1) / TOK; }
+
+/* The experts' segments of the received rows, in (source rank, local expert) order. */
+static int expert_segs(const train_model *m, int l, train_ffn_seg *seg, bool grads)
+{
+    const model_config *c = &m->cfg.model;
+    const train_moe_layer *ml = &m->moe[l];
+    int d = c->hidden_size, I = c->intermediate_size, R = m->dist->n_ranks, El = m->El;
+    size_t expert_n = (size_t)3 * I * d;
+    int n = 0, off = 0;
+    for (int s = 0; s < R; s++)
+        for (int j = 0; j < El; j++) {
+            size_t eo = (size_t)(m->e_lo + j) * expert_n;
+            const float *w1 = m->w.layers[l].experts + eo;
+            train_ffn_seg *g = &seg[n++];
+            g->r0 = off;
+            g->n = ml->rcount[s * El + j];
+            g->w1 = w1;
+            g->w2 = w1 + (size_t)I * d;
+            g->w3 = w1 + (size_t)2 * I * d;
+            if (grads) {
+                g->g1 = m->g.layers[l].experts + eo;
+                g->g2 = g->g1 + (size_t)I * d;
+                g->g3 = g->g1 + (size_t)2 * I * d;
+            }
+            off += g->n;
+        }
+    return n;
+}
+
+int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, float *y,
+                      loom_err *e)
 {
     const model_config *c = &m->cfg.model;
     train_moe_layer *ml = &m->moe[l];
@@ -192,38 +351,37 @@ int train_moe_forward(train_model *m, int l, const float *h2, float *y, loom_err
     if ((rc = moe_plan_build(&ml->plan, &pc, ml->rt.expert_idx, ml->rt.weight, N, e)))
         return rc;
     const moe_plan *p = &ml->plan;
-    moe_dispatch(p, h2, d, ml->buf);
+    rows_args ra = {.p = p, .weight = ml->rt.weight, .src = h2, .dst = ml->buf, .d = d};
+    tensor_parallel_for(n_tok_tasks(p->n_rows), dispatch_task, &ra);
 
     /* rows per (destination rank, its local expert), then what this rank receives */
-    for (int x = 0; x < E; x++)
-        ml->scount[x] = p->rows[x];
+    for (int x_e = 0; x_e < E; x_e++)
+        ml->scount[x_e] = p->rows[x_e];
     train_dist_alltoall_i32(m->dist, ml->scount, ml->rcount, El);
     int rrows = 0;
     for (int i = 0; i < R * El; i++)
         rrows += ml->rcount[i];
     ensure_recv(m, ml, rrows);
     ml->rrows = rrows;
+    /* one rank: the experts read the plan-side rows and write the plan-side outputs */
+    float *in = ml->buf, *out = ml->out;
     xplan xp;
-    exchange_plan(m, ml, d, &xp);
-    train_dist_alltoallv_f32(m->dist, ml->buf, xp.sc, xp.sd, ml->rin, xp.rc, xp.rd);
+    if (R > 1) {
+        exchange_plan(m, ml, d, &xp);
+        train_dist_alltoallv_f32(m->dist, ml->buf, xp.sc, xp.sd, ml->rin, xp.rc, xp.rd);
+        in = ml->rin;
+        out = ml->rout;
+    }
 
     /* experts over their segments */
-    size_t expert_n = (size_t)3 * I * d;
-    int off = 0;
-    for (int s = 0; s < R; s++)
-        for (int j = 0; j < El; j++) {
-            int n = ml->rcount[s * El + j];
-            const float *w1 = m->w.layers[l].experts + (size_t)(m->e_lo + j) * expert_n;
-            const float *w2 = w1 + (size_t)I * d, *w3 = w2 + (size_t)I * d;
-            train_ffn_forward(ml->rout + (size_t)off * d, ml->rg + (size_t)off * I,
-                              ml->ru + (size_t)off * I, ml->ra + (size_t)off * I,
-                              ml->rin + (size_t)off * d, w1, w3, w2, n, d, I);
-            off += n;
-        }
-    train_dist_alltoallv_f32(m->dist, ml->rout, xp.rc, xp.rd, ml->out, xp.sc, xp.sd);
-    moe_combine(p, ml->rt.weight, ml->out, d, m->dh);
-    for (size_t i = 0; i < (size_t)N * d; i++)
-        y[i] += m->dh[i];
+    train_ffn_seg seg[256]; /* R * El = E <= 256 */
+    int n_seg = expert_segs(m, l, seg, false);
+    train_ffn_forward_segs(out, ml->rg, ml->ru, ml->ra, in, seg, n_seg, d, I, 0.0f);
+    if (R > 1)
+        train_dist_alltoallv_f32(m->dist, ml->rout, xp.rc, xp.rd, ml->out, xp.sc, xp.sd);
+    ra = (rows_args){.p = p, .weight = ml->rt.weight, .src = ml->out, .src2 = x2, .dst = y,
+                     .d = d};
+    tensor_parallel_for(n_tok_tasks(N), combine_task, &ra);
 
     /* what the losses and the stats need */
     for (int x = 0; x < E; x++) {
@@ -308,6 +466,157 @@ void train_moe_losses(train_model *m, train_loss *lo)
     m->moe_aux_ready = true;
 }
 
+/*
+ * moe_router_backward for a linear gate, over the pool: tasks of TOK tokens
+ * compute each token's d logits (kept, N x E in double) and add its d x; then tasks of one
+ * expert's row of the gate and COL columns sum dW over every token in order, as the serial
+ * loop does (bitwise the same as moe_router_backward where the compiler contracts no
+ * multiply-add into an FMA, i.e. the baseline x86-64 build). Other gates go to
+ * moe_router_backward.
+ */
+#define COL 64
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIMD_CLONES
+#endif
+
+typedef struct rb_args {
+    const moe_router *r;
+    const moe_routing *rt;
+    const float *d_weight, *d_scores, *gin;
+    float *d_x;
+    double *dl;   /* (T, E) */
+    double *dgin; /* (threads, d) */
+    int E, d, k;
+} rb_args;
+
+SIMD_CLONES static void router_token_task(void *arg, int task, int tid)
+{
+    const rb_args *a = arg;
+    const moe_router_config *c = &a->r->cfg;
+    const moe_routing *rt = a->rt;
+    int T = rt->T, E = a->E, d = a->d, k = a->k;
+    double ds[256], *dgin = a->dgin + (size_t)tid * d;
+    const double scale = c->route_scale;
+    for (int t = task * TOK, t1 = t + TOK < T ? t + TOK : T; t < t1; t++) {
+        const float *st = rt->scores + (size_t)t * E;
+        const float *lt = rt->logits + (size_t)t * E;
+        const int32_t *idx = rt->expert_idx + (size_t)t * k;
+        const float *wt = rt->weight + (size_t)t * k;
+        double *dl = a->dl + (size_t)t * E;
+        for (int i = 0; i < E; i++)
+            ds[i] = a->d_scores ? a->d_scores[(size_t)t * E + i] : 0.0;
+        if (a->d_weight) {
+            const float *dw = a->d_weight + (size_t)t * k;
+            if (c->renormalize) {
+                double S = 0.0, dot = 0.0;
+                for (int j = 0; j < k; j++)
+                    if (idx[j] >= 0) {
+                        S += st[idx[j]];
+                        dot += (double)dw[j] * wt[j];
+                    }
+                if (S > 0)
+                    for (int j = 0; j < k; j++)
+                        if (idx[j] >= 0)
+                            ds[idx[j]] += (scale * dw[j] - dot) / S;
+            } else {
+                for (int j = 0; j < k; j++)
+                    if (idx[j] >= 0)
+                        ds[idx[j]] += scale * dw[j];
+            }
+        }
+        if (c->score == MOE_SCORE_SOFTMAX) {
+            double dot = 0.0;
+            for (int i = 0; i < E; i++)
+                dot += ds[i] * st[i];
+            for (int i = 0; i < E; i++)
+                dl[i] = st[i] * (ds[i] - dot);
+        } else {
+            for (int i = 0; i < E; i++)
+                dl[i] = ds[i] * st[i] * (1.0 - st[i]);
+        }
+        if (c->z_loss_coef > 0 && T > 0) {
+            double m = lt[0];
+            for (int i = 1; i < E; i++)
+                m = lt[i] > m ? lt[i] : m;
+            double z = 0.0;
+            for (int i = 0; i < E; i++)
+                z += exp(lt[i] - m);
+            double lse = m + log(z), g = 2.0 * c->z_loss_coef / T * lse;
+            for (int i = 0; i < E; i++)
+                dl[i] += g * exp(lt[i] - m) / z;
+        }
+        if (c->gate_relu)
+            for (int i = 0; i < E; i++)
+                if (!(rt->pre_relu[(size_t)t * E + i] > 0.0f))
+                    dl[i] = 0.0;
+        if (!a->d_x)
+            continue;
+        for (int j = 0; j < d; j++)
+            dgin[j] = 0.0;
+        for (int i = 0; i < E; i++) {
+            if (dl[i] == 0.0)
+                continue;
+            const float *wrow = a->r->w_gate + (size_t)i * d;
+            double dli = dl[i];
+#pragma omp simd
+            for (int j = 0; j < d; j++)
+                dgin[j] += dli * wrow[j];
+        }
+        float *dxt = a->d_x + (size_t)t * d;
+        const float *noise = rt->jittered ? rt->jitter_noise + (size_t)t * d : NULL;
+        for (int j = 0; j < d; j++)
+            dxt[j] += (float)(noise ? dgin[j] * noise[j] : dgin[j]);
+    }
+}
+
+SIMD_CLONES static void router_weight_task(void *arg, int task, int tid)
+{
+    const rb_args *a = arg;
+    int E = a->E, d = a->d, per = (d + COL - 1) / COL, T = a->rt->T;
+    int i = task / per, j0 = task % per * COL, n = d - j0 < COL ? d - j0 : COL;
+    double acc[COL] = {0};
+    for (int t = 0; t < T; t++) {
+        double dli = a->dl[(size_t)t * E + i];
+        if (dli == 0.0)
+            continue;
+        const float *gt = a->gin + (size_t)t * d + j0;
+#pragma omp simd
+        for (int j = 0; j < n; j++)
+            acc[j] += dli * gt[j];
+    }
+    float *g = a->r->grad_w_gate + (size_t)i * d + j0;
+    for (int j = 0; j < n; j++)
+        g[j] += (float)acc[j];
+}
+
+static int router_backward(train_model *m, moe_router *r, const float *x, const moe_routing *rt,
+                           const float *d_weight, const float *d_scores, float *d_x, loom_err *e)
+{
+    const moe_router_config *c = &r->cfg;
+    int E = c->n_experts, d = c->d, T = rt->T;
+    if (c->kind == MOE_ROUTER_HASH || c->gate != MOE_GATE_LINEAR || !r->w_gate ||
+        !r->grad_w_gate || E > 256 || T > m->cfg.B_max * m->cfg.T_max)
+        return moe_router_backward(r, x, rt, d_weight, d_scores, d_x, e);
+    int nth = tensor_get_threads();
+    rb_args a = {.r = r, .rt = rt, .d_weight = d_weight, .d_scores = d_scores,
+                 .gin = rt->jittered ? rt->gate_in : x, .d_x = d_x, .dl = m->router_dl,
+                 .dgin = xmalloc((size_t)nth * d * sizeof(double)), .E = E, .d = d, .k = rt->k};
+    tensor_parallel_for(n_tok_tasks(T), router_token_task, &a);
+    tensor_parallel_for(E * ((d + COL - 1) / COL), router_weight_task, &a);
+    if (r->grad_b_gate)
+        for (int i = 0; i < E; i++) {
+            double gb = 0.0;
+            for (int t = 0; t < T; t++)
+                gb += a.dl[(size_t)t * E + i];
+            r->grad_b_gate[i] += (float)gb;
+        }
+    free(a.dgin);
+    return LOOM_OK;
+}
+
 int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, float *dh2,
                        float scale, loom_err *e)
 {
@@ -315,36 +624,36 @@ int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, 
     train_moe_layer *ml = &m->moe[l];
     const moe_plan *p = &ml->plan;
     int N = m->N, d = c->hidden_size, I = c->intermediate_size, E = c->n_experts, k = slots(m);
-    int R = m->dist->n_ranks, El = m->El;
+    int R = m->dist->n_ranks;
 
-    /* combine: d_weight (N, k), d_out (rows, d) into buf (the forward input is in rin) */
-    moe_combine_backward(p, ml->rt.weight, ml->out, dy, d, m->d_weight, ml->buf);
+    /* combine: d_weight (N, k), d_out (rows, d); on R ranks into buf (the forward input is in
+     * rin), then to the experts' ranks in rout; on one rank straight into rout (the forward
+     * input is in buf) */
+    float *d_out = R > 1 ? ml->buf : ml->rout;
+    for (int r = 0; r < p->n_rows; r++)
+        if (p->src[r] < 0)
+            memset(d_out + (size_t)r * d, 0, (size_t)d * sizeof(float));
+    rows_args ra = {.p = p, .weight = ml->rt.weight, .src = ml->out, .src2 = dy, .dst = d_out,
+                    .dst2 = m->d_weight, .d = d};
+    tensor_parallel_for(n_tok_tasks(N), combine_backward_task, &ra);
     xplan xp;
-    exchange_plan(m, ml, d, &xp);
-    train_dist_alltoallv_f32(m->dist, ml->buf, xp.sc, xp.sd, ml->rout, xp.rc, xp.rd);
+    if (R > 1) {
+        exchange_plan(m, ml, d, &xp);
+        train_dist_alltoallv_f32(m->dist, ml->buf, xp.sc, xp.sd, ml->rout, xp.rc, xp.rd);
+    }
 
-    /* experts: d_rin into out-of-the-way scratch, then back to the plan side into buf */
-    size_t expert_n = (size_t)3 * I * d;
-    float *d_rin = xmalloc((size_t)(ml->rrows > 0 ? ml->rrows : 1) * d * sizeof(float));
-    memset(d_rin, 0, (size_t)ml->rrows * d * sizeof(float));
-    int off = 0;
-    for (int s = 0; s < R; s++)
-        for (int j = 0; j < El; j++) {
-            int n = ml->rcount[s * El + j];
-            size_t eo = (size_t)(m->e_lo + j) * expert_n;
-            const float *w1 = m->w.layers[l].experts + eo;
-            const float *w2 = w1 + (size_t)I * d, *w3 = w2 + (size_t)I * d;
-            float *g1 = m->g.layers[l].experts + eo;
-            float *g2 = g1 + (size_t)I * d, *g3 = g2 + (size_t)I * d;
-            train_ffn_backward(d_rin + (size_t)off * d, g1, g3, g2, ml->rout + (size_t)off * d,
-                               ml->rin + (size_t)off * d, ml->rg + (size_t)off * I,
-                               ml->ru + (size_t)off * I, ml->ra + (size_t)off * I, w1, w3, w2, n,
-                               d, I, m->eg_scratch, m->eu_scratch);
-            off += n;
-        }
-    train_dist_alltoallv_f32(m->dist, d_rin, xp.rc, xp.rd, ml->buf, xp.sc, xp.sd);
-    free(d_rin);
-    moe_dispatch_backward(p, ml->buf, d, dh2);
+    /* experts: d_rin, then back to the plan side into buf */
+    train_ffn_seg seg[256];
+    int n_seg = expert_segs(m, l, seg, true);
+    train_ffn_backward_segs(m->d_rin, ml->rout, R > 1 ? ml->rin : ml->buf, ml->rg, ml->ru, ml->ra,
+                            seg, n_seg, d, I, m->eg_scratch, m->eu_scratch, 0.0f);
+    float *d_buf = m->d_rin;
+    if (R > 1) {
+        train_dist_alltoallv_f32(m->dist, m->d_rin, xp.rc, xp.rd, ml->buf, xp.sc, xp.sd);
+        d_buf = ml->buf;
+    }
+    ra = (rows_args){.p = p, .src = d_buf, .dst = dh2, .d = d};
+    tensor_parallel_for(n_tok_tasks(N), dispatch_backward_task, &ra);
 
     /* router: through the combine weights, the load-balancing and locality losses */
     float *ds = NULL;
@@ -362,11 +671,11 @@ int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, 
         /* the router's z-loss gradient is unscaled: scale its coefficient for this call */
         float zc = ml->router.cfg.z_loss_coef;
         ml->router.cfg.z_loss_coef = zc * scale;
-        int rc = moe_router_backward(&ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
+        int rc = router_backward(m, &ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
         ml->router.cfg.z_loss_coef = zc;
         return rc;
     }
-    return moe_router_backward(&ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
+    return router_backward(m, &ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
 }
 
 const train_layer_stat *train_model_layer_stats(const train_model *m, int l)

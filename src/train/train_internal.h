@@ -35,6 +35,7 @@ struct train_model {
     float *params, *grads; /* (n_params) each, carved by the table */
     train_weights w, g;    /* named pointers into params and grads */
     float *inv_freq;       /* (hd/2) */
+    float *rope_cos, *rope_sin; /* (T_max, hd/2) cos, sin of pos * inv_freq */
 
     /* activations of the last forward, sized for (B_max, T_max) */
     int B, T, N;
@@ -61,7 +62,9 @@ struct train_model {
     float *dq, *dao;       /* (N, H*hd) */
     float *dk, *dv;        /* (N, Hkv*hd) */
     float *dfg, *dfu;      /* (N, I) */
-    float *att_scratch;    /* (threads, T*T) */
+    float *att_scratch;    /* (att_threads, T*T) per-thread dS of the attention backward */
+    int att_threads;
+    double *tok_loss;      /* (N) cross-entropy of each token (0 without a target) */
     int64_t n_targets_global;
     train_loss last_loss;
 
@@ -72,8 +75,10 @@ struct train_model {
     int El;                /* E / R */
     float *d_weight;       /* (N, k) */
     float *d_scores;       /* (N, E) */
+    double *router_dl;     /* (N, E) backward: d logits of the router */
     int32_t *token_rank;   /* (N) this rank, for the stats and the locality loss */
     float *eg_scratch, *eu_scratch; /* (rrows_cap, I) backward */
+    float *d_rin;          /* (rrows_cap, d) backward: gradient of the received rows */
     int escratch_cap;
     bool moe_aux_ready;
     double aux_grad[256];  /* d aux / d prob of expert e, the same for every token and layer */
@@ -97,6 +102,20 @@ void train_attention_backward(float *dq, float *dk, float *dv, const float *d_ou
 void train_swiglu_forward(float *a, const float *g, const float *u, size_t n);
 void train_swiglu_backward(float *dg, float *du, const float *da, const float *g, const float *u,
                            size_t n);
+/* One SwiGLU FFN's rows: n rows from row r0 of the row buffers, its weights, its gradients. */
+typedef struct train_ffn_seg {
+    int r0, n;
+    const float *w1, *w3, *w2; /* (I, d), (I, d), (d, I) */
+    float *g1, *g3, *g2;       /* gradients of the same shapes (backward only) */
+} train_ffn_seg;
+/* y (rows, d) = beta y + ffn(x), each segment with its weights, g, u, a (rows, I) kept. */
+void train_ffn_forward_segs(float *y, float *g, float *u, float *a, const float *x,
+                            const train_ffn_seg *seg, int n_seg, int d, int I, float beta);
+/* dx (rows, d) = beta dx + d ffn / dx; every segment's g1, g3, g2 += its weight gradients;
+ * dg, du (rows, I) scratch. */
+void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const float *g,
+                             const float *u, const float *a, const train_ffn_seg *seg, int n_seg,
+                             int d, int I, float *dg, float *du, float beta);
 void train_ffn_forward(float *y, float *g, float *u, float *a, const float *x, const float *w1,
                        const float *w3, const float *w2, int n, int d, int I);
 void train_ffn_backward(float *dx, float *dw1, float *dw3, float *dw2, const float *dy,
@@ -110,11 +129,12 @@ void train_acts_free(train_model *m);
 /* MoE FFN (moe.c) */
 int train_moe_init(train_model *m, loom_err *e);
 void train_moe_free(train_model *m);
-/* y (N, d) += moe(h2 (N, d)) of layer l */
-int train_moe_forward(train_model *m, int l, const float *h2, float *y, loom_err *e);
+/* y (N, d) = x (N, d) + moe(h2 (N, d)) of layer l */
+int train_moe_forward(train_model *m, int l, const float *h2, const float *x, float *y,
+                      loom_err *e);
 /* the losses of all layers once they have all run: aux (global over ranks), z, locality */
 void train_moe_losses(train_model *m, train_loss *lo);
-/* dh2 (N, d) += backward of layer l's MoE given dy (N, d) */
+/* dh2 (N, d) = backward of layer l's MoE given dy (N, d) (overwritten) */
 int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, float *dh2,
                        float scale, loom_err *e);
 
