@@ -14,7 +14,6 @@
 
 #include "loom/tensor.h"
 
-#include "../train/router_state.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -527,7 +526,6 @@ int cli_train(int argc, char **argv)
             code = fail(&dist, CLI_EXIT_FAIL, e.msg, NULL);
             goto out;
         }
-        train_router_update_balance(m); /* before validation forwards replace the loads */
         tokens += (double)r.tokens;
         hist[s] = r.loss;
         vhist[s] = NAN;

@@ -5,6 +5,7 @@
  * AdamW. Rank r takes rows [r B/R, (r+1) B/R) of every global batch, so the global batch, and
  * with it the loss, does not depend on R.
  */
+#include "router_state.h"
 #include "train_internal.h"
 
 #include <stdlib.h>
@@ -38,6 +39,10 @@ int train_step(train_model *m, train_adamw *o, const train_data *d, const train_
     memset(out, 0, sizeof(*out));
     double t0 = loom_now(), comm0 = m->dist->comm_time;
     train_zero_grad(m);
+    int L = m->cfg.model.n_layers;
+    for (int l = 0; m->moe && l < L; l++)
+        memset(m->moe[l].step_load, 0, sizeof(m->moe[l].step_load));
+    m->training = true;
     for (int a = 0; a < n_accum && !rc; a++) {
         int64_t micro = (int64_t)step * n_accum + a;
         train_loss lo;
@@ -46,11 +51,15 @@ int train_step(train_model *m, train_adamw *o, const train_data *d, const train_
             (rc = train_forward(m, tok, tgt, n_rows, T, &lo, e)) ||
             (rc = train_backward(m, 1.0f / n_accum, e)))
             break;
+        for (int l = 0; m->moe && l < L; l++)
+            for (int x = 0; x < m->cfg.model.n_experts && x < 256; x++)
+                m->moe[l].step_load[x] += m->moe[l].stat.load[x];
         out->loss += lo.total / n_accum;
         out->ce += lo.ce / n_accum;
         out->aux += lo.aux / n_accum;
         out->tokens += (int64_t)sc->batch * T;
     }
+    m->training = false;
     free(tok);
     free(tgt);
     if (rc)
@@ -58,6 +67,7 @@ int train_step(train_model *m, train_adamw *o, const train_data *d, const train_
     train_allreduce_grads(m);
     out->lr = train_lr_at(&o->cfg, step);
     out->grad_norm = train_adamw_step(o, m, step);
+    train_router_update_balance(m);
     out->time = loom_now() - t0;
     out->comm_time = m->dist->comm_time - comm0;
     return LOOM_OK;

@@ -340,7 +340,7 @@ int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, f
     int R = m->dist->n_ranks, El = m->El;
     if (R > 1024)
         return loom_errf(e, LOOM_EUNSUPPORTED, "train: at most 1024 ranks");
-    int rc = moe_router_forward(&ml->router, h2, m->tokens, N, true, &ml->rt, e);
+    int rc = moe_router_forward(&ml->router, h2, m->tokens, N, m->training, &ml->rt, e);
     if (rc)
         return rc;
     moe_plan_config pc = {0};

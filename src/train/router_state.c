@@ -13,12 +13,13 @@ void train_router_update_balance(train_model *m)
     if (!m->moe || E > 256)
         return;
     int32_t load[256];
+    /* a step's tokens fit int32 */
     for (int l = 0; l < m->cfg.model.n_layers; l++) {
         moe_router *r = &m->moe[l].router;
         if (!r->balance_bias)
             continue;
-        for (int x = 0; x < E; x++) /* a step's tokens fit int32 */
-            load[x] = (int32_t)m->moe[l].stat.load[x];
+        for (int x = 0; x < E; x++)
+            load[x] = (int32_t)m->moe[l].step_load[x];
         moe_router_update_balance_bias(r, load);
     }
 }

@@ -22,6 +22,7 @@ typedef struct train_moe_layer {
     double psum[256];     /* sum over tokens of the router probabilities (E) */
     int64_t count[256];   /* assignments per expert (E), before capacity */
     train_layer_stat stat;
+    int64_t step_load[256]; /* global load summed over a step's micro-batches (E) */
 } train_moe_layer;
 
 struct train_model {
@@ -39,6 +40,7 @@ struct train_model {
 
     /* activations of the last forward, sized for (B_max, T_max) */
     int B, T, N;
+    bool training; /* the forward is a training step's: router jitter applies */
     int32_t *tokens, *targets, *pos; /* (N) */
     float *act_mem;
     size_t act_floats;

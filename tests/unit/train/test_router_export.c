@@ -140,7 +140,6 @@ static void check_router(const char *router)
     for (int s = 0; s < 3; s++) {
         train_step_result r;
         assert_int_equal(train_step(m, &o, &d, &sc, s, &r, &e), 0);
-        train_router_update_balance(m);
     }
     /* a bias large enough to change choices (sigmoid scores sit near 0.5): 60 more moves */
     for (int i = 0; i < 60; i++)

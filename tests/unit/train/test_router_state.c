@@ -76,7 +76,6 @@ static void run_steps(train_model *m, train_adamw *o, const train_data *d,
         train_step_result r;
         if (train_step(m, o, d, sc, s, &r, &e))
             fail_msg("step %d: %s", s, e.msg);
-        train_router_update_balance(m); /* as loom train does after every step */
         losses[s] = r.loss;
     }
 }
