@@ -3,7 +3,7 @@
  * serving metrics computed from it (TTFT, TPOT, ITL, E2E latency, throughput, goodput).
  *
  * Layers, each usable (and tested) without the ones above it:
- *   bench_trace_*     Azure LLM inference CSV and Mooncake JSONL parsers (pure over bytes)
+ *   bench_trace_*     Azure LLM inference CSV and Mooncake JSONL traces (loom/trace.h)
  *   bench_dist_*      request length distributions: fixed, uniform, normal, a trace's histogram
  *   bench_workload_*  the k-th request of a workload (lengths, shared-prefix block ids)
  *   bench_arrival_*   arrival processes: trace timestamps, Poisson, gamma, all-at-once
@@ -20,6 +20,7 @@
 
 #include "loom/base.h"
 #include "loom/tokenizer.h"
+#include "loom/trace.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -28,38 +29,24 @@
 
 /* ---------------------------------------------------------------- traces */
 
-/* Mooncake's hash ids name blocks of this many prompt tokens. */
-#define BENCH_BLOCK_TOKENS 512
-
-typedef enum { BENCH_TRACE_AZURE, BENCH_TRACE_MOONCAKE } bench_trace_format;
-
-typedef struct bench_trace_entry {
-    double timestamp_s;      /* seconds after the trace's first request */
-    int input_len;           /* prompt tokens */
-    int output_len;          /* generated tokens */
-    const int64_t *hash_ids; /* (n_hash_ids) Mooncake prefix blocks; NULL for Azure */
-    int n_hash_ids;
-} bench_trace_entry;
-
-typedef struct bench_trace {
-    bench_trace_format format;
-    bench_trace_entry *entries; /* (n) ordered by timestamp */
-    size_t n;
-    int64_t *hash_pool; /* storage behind every entry's hash_ids */
-    size_t n_hash;
-} bench_trace;
+/* bench's names for the shared trace parsers (loom/trace.h); messages say "line N: ...". */
+#define BENCH_BLOCK_TOKENS TRACE_BLOCK_TOKENS
+#define BENCH_TRACE_AZURE TRACE_AZURE
+#define BENCH_TRACE_MOONCAKE TRACE_MOONCAKE
+typedef loom_trace_format bench_trace_format;
+typedef loom_trace_entry bench_trace_entry;
+typedef loom_trace bench_trace;
 
 /*
- * Parse a whole trace. Azure: a CSV with an optional header line, TIMESTAMP as
- * "YYYY-MM-DD HH:MM:SS[.fraction]" or as plain seconds. Mooncake: one JSON object per line with
- * timestamp (ms), input_length, output_length and optional hash_ids. Blank lines are skipped;
- * any other malformed line is LOOM_EFORMAT with "line N: ..." in the message. Pure over bytes
- * (the fuzz target calls these).
+ * Parse a whole trace (formats in loom/trace.h). Blank lines are skipped; any other malformed
+ * line, and a trace without requests, is LOOM_EFORMAT with "line N: ..." in the message. Pure
+ * over bytes (the fuzz target calls these).
  */
 int bench_trace_parse_azure(const char *text, size_t len, bench_trace *out, loom_err *e);
 int bench_trace_parse_mooncake(const char *text, size_t len, bench_trace *out, loom_err *e);
 /* Format from the content: a line starting with '{' is Mooncake, anything else Azure. */
 int bench_trace_parse(const char *text, size_t len, bench_trace *out, loom_err *e);
+/* Format from the extension, else the content; messages start "PATH: line N: ". */
 int bench_trace_load(const char *path, bench_trace *out, loom_err *e);
 void bench_trace_free(bench_trace *t);
 

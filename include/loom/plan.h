@@ -8,7 +8,7 @@
  *
  *   cluster.yaml + model config + workload --plan_run--> plan_result --> plan.yaml + table
  *
- * Depends on perf (and base).
+ * Depends on perf and trace (and base).
  */
 #ifndef LOOM_PLAN_H
 #define LOOM_PLAN_H
@@ -70,16 +70,16 @@ typedef struct plan_workload {
     double rate;     /* mean arrival rate, requests/s (0 when unknown) */
 } plan_workload;
 
-/* Azure LLM inference trace CSV: a header naming TIMESTAMP, ContextTokens, GeneratedTokens
- * (any order), then one request a line. TIMESTAMP is "YYYY-MM-DD hh:mm:ss[.frac]" or seconds.
- * name is used in messages ("name:LINE: ..."). */
+/* Traces through the shared parsers (formats in loom/trace.h): Azure LLM inference trace CSV
+ * (a header naming TIMESTAMP, ContextTokens, GeneratedTokens in any order, or none), Mooncake
+ * JSONL. name is used in messages ("name:LINE: ..."); a trace without requests, or whose
+ * outputs average under one token, is an error. */
 int plan_workload_parse_azure(const char *text, size_t len, const char *name, plan_workload *out,
                               loom_err *e);
-/* Mooncake JSONL: one object a line with timestamp (ms), input_length, output_length and
- * optionally hash_ids. */
 int plan_workload_parse_mooncake(const char *text, size_t len, const char *name, plan_workload *out,
                                  loom_err *e);
-/* By extension (.csv Azure; .jsonl/.json Mooncake), else by the first byte. */
+/* By extension (.csv Azure; .jsonl/.json Mooncake), else by the first byte; name: the
+ * file's base name. */
 int plan_workload_load(const char *path, plan_workload *out, loom_err *e);
 /* Synthetic: each spec is "N" (fixed) or "LO:HI" (uniform integers in [LO, HI]). */
 int plan_workload_synthetic(const char *input_spec, const char *output_spec, plan_workload *out,

@@ -47,6 +47,27 @@ static void test_azure_plain_seconds_unsorted(void **state)
     bench_trace_free(&t);
 }
 
+/* A header may name the columns in any order, with extra ones (ignored) among them. */
+static void test_azure_header_columns(void **state)
+{
+    const char *csv = "ContextTokens, Model ,TIMESTAMP,GeneratedTokens\n"
+                      "100,m1,0.5,5\n"
+                      "200,m2,1.5,6\n";
+    bench_trace t;
+    loom_err e;
+    assert_int_equal(bench_trace_parse_azure(csv, strlen(csv), &t, &e), 0);
+    assert_int_equal(t.n, 2);
+    assert_int_equal(t.entries[1].input_len, 200);
+    assert_int_equal(t.entries[1].output_len, 6);
+    assert_true(fabs(t.entries[1].timestamp_s - 1.0) < 1e-12);
+    bench_trace_free(&t);
+    /* the shared parser names the file when given one (plan's style) */
+    const char *bad = "ContextTokens,TIMESTAMP,GeneratedTokens\n1,2,3\n4,5\n";
+    assert_int_equal(trace_parse(bad, strlen(bad), "t.csv", &t, &e), LOOM_EFORMAT);
+    assert_non_null(strstr(e.msg, "t.csv:3: 2 fields, the header has 3"));
+    assert_null(t.entries);
+}
+
 /* A malformed trace fails with LOOM_EFORMAT and a message naming the line. */
 static void expect_error(const char *text, const char *needle, const char *line)
 {
@@ -287,6 +308,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_azure_parses),
         cmocka_unit_test(test_azure_plain_seconds_unsorted),
+        cmocka_unit_test(test_azure_header_columns),
         cmocka_unit_test(test_azure_malformed),
         cmocka_unit_test(test_mooncake_parses),
         cmocka_unit_test(test_mooncake_malformed),

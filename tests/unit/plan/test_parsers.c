@@ -106,6 +106,12 @@ static void test_azure(void **state)
     assert_int_equal(plan_workload_parse_azure(re, strlen(re), "r.csv", &w, &e), LOOM_OK);
     assert_true(w.mean_in == 15 && w.mean_out == 6 && w.duration == 2);
     plan_workload_free(&w);
+    /* no header: TIMESTAMP,ContextTokens,GeneratedTokens (the parser loom bench uses) */
+    const char *bare = "2.5,10,5\n0.5,20,7\n";
+    assert_int_equal(plan_workload_parse_azure(bare, strlen(bare), "n.csv", &w, &e), LOOM_OK);
+    assert_true(w.mean_in == 15 && w.mean_out == 6 && w.duration == 2 && w.rate == 0.5);
+    assert_true(w.requests[0].t == 0 && w.requests[0].in == 20); /* sorted by arrival */
+    plan_workload_free(&w);
 
     struct {
         const char *text, *needle;
@@ -149,11 +155,11 @@ static void test_mooncake(void **state)
     } bad[] = {
         {"{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n{oops\n",
          "m.jsonl:2: not a JSON object"},
-        {"{\"timestamp\": 0, \"output_length\": 1}\n", "m.jsonl:1: input_length is missing"},
+        {"{\"timestamp\": 0, \"output_length\": 1}\n", "m.jsonl:1: 'input_length' is missing"},
         {"\n\n{\"timestamp\": 0, \"input_length\": 1.5, \"output_length\": 1}\n",
-         "m.jsonl:3: input_length is not"},
+         "m.jsonl:3: 'input_length' is not"},
         {"{\"timestamp\": \"x\", \"input_length\": 1, \"output_length\": 1}\n",
-         "m.jsonl:1: timestamp"},
+         "m.jsonl:1: 'timestamp'"},
         {"{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": 3}\n",
          "hash_ids"},
         {"[1, 2]\n", "m.jsonl:1: not a JSON object"},
