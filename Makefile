@@ -1,6 +1,6 @@
 # loom — one binary, build/loom. See README.md.
 #   make              build build/loom
-#   make run          install packages, build, serve the embedded default model
+#   make run          install packages, build, loom up: the embedded default model on :8000
 #   make test         install packages, build, run every test (tests/run.sh)
 #   make bench        run the benchmarks in bench/ (writes docs/benchmarks.md)
 #   make SANITIZE=address,undefined test   sanitizer build (separate build dir)
@@ -98,8 +98,10 @@ benches: $(BENCH_BIN)
 # flags probed at parse time (pkg-config, clang) see the freshly installed packages.
 run: setup
 	@$(MAKE) --no-print-directory run-now
+# loom up without a plan: plans this machine's cores for the embedded model, starts the
+# instances and the gateway on :8000 (KV capped: a cpu instance's blocks are real memory)
 run-now: $(BUILD)/loom
-	$(BUILD)/loom serve --model random:llama-tiny --port 8000
+	$(BUILD)/loom up --model random:llama-tiny --port 8000 --max-kv-blocks 4096
 
 test: setup
 	@$(MAKE) --no-print-directory test-now

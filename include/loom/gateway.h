@@ -87,7 +87,14 @@ int gateway_probe_health(const char *host, int port, double timeout_s);
 
 /* ---------------------------------------------------------------- request inspection (pure) */
 
-typedef enum { GATEWAY_COMPLETIONS, GATEWAY_CHAT } gateway_endpoint;
+/* The routes proxied to an instance. Completions and chat go through the dispatch policy;
+ * /tokenize and /detokenize (vLLM's) are passed through to any available instance. */
+typedef enum {
+    GATEWAY_COMPLETIONS,
+    GATEWAY_CHAT,
+    GATEWAY_TOKENIZE,
+    GATEWAY_DETOKENIZE
+} gateway_endpoint;
 
 #define GATEWAY_PREFIX_BLOCK_BYTES 64 /* text prompts hash 64-byte blocks (~16 tokens) */
 #define GATEWAY_PREFIX_BLOCK_IDS 16   /* token-id prompts hash blocks of 16 ids */
@@ -205,6 +212,10 @@ typedef struct gateway_config {
     size_t max_client_buffer;     /* a client this far behind a stream is dropped (16 MiB) */
     int max_idle_connections;     /* idle keep-alive connections kept per upstream (64) */
     bool handle_signals;          /* SIGINT/SIGTERM end gateway_run */
+    /* called on the gateway's thread every tick (50 ms) while gateway_run runs, for an embedder's
+     * own bounded housekeeping (`loom up` watches its instances); NULL: none */
+    void (*tick_fn)(void *arg, double now);
+    void *tick_arg;
 } gateway_config;
 
 void gateway_config_default(gateway_config *c);

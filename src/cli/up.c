@@ -51,6 +51,7 @@ typedef struct up_opts {
     long long cores;         /* no plan: cores of the cpu device */
     long long max_kv_blocks; /* cap per instance (0 = the plan's) */
     long long max_num_seqs;  /* cap per instance (0 = the plan's) */
+    long long max_restarts;  /* restarts in a row of an instance that dies, then give up */
     bool prefix_affinity;
     bool dry_run;
 } up_opts;
@@ -65,7 +66,18 @@ typedef struct up_instance {
     char *argv[UP_MAX_ARGS + 1];
     pid_t pid; /* 0: not started (remote) or reaped */
     int status;
+    /* supervision (local instances, once the gateway runs) */
+    double started_at;   /* when the running process was started */
+    double restart_at;   /* > 0: dead, to be started again then */
+    int restarts_in_row; /* restarts since it last stayed up UP_STABLE_S */
+    bool given_up;       /* dead for good: --max-restarts reached */
 } up_instance;
+
+/* Restart back-off: 1 s after the first death, doubling up to 30 s; an instance that stays up
+ * UP_STABLE_S counts as healthy again (its next death waits 1 s, and the limit starts over). */
+#define UP_BACKOFF_FIRST_S 1.0
+#define UP_BACKOFF_MAX_S 30.0
+#define UP_STABLE_S 60.0
 
 enum {
     OPT_MODEL = 256,
@@ -81,6 +93,7 @@ enum {
     OPT_CORES,
     OPT_MAX_KV_BLOCKS,
     OPT_MAX_NUM_SEQS,
+    OPT_MAX_RESTARTS,
     OPT_PREFIX_AFFINITY,
     OPT_DRY_RUN,
 };
@@ -99,6 +112,7 @@ static const struct option long_opts[] = {
     {"cores", required_argument, NULL, OPT_CORES},
     {"max-kv-blocks", required_argument, NULL, OPT_MAX_KV_BLOCKS},
     {"max-num-seqs", required_argument, NULL, OPT_MAX_NUM_SEQS},
+    {"max-restarts", required_argument, NULL, OPT_MAX_RESTARTS},
     {"prefix-affinity", no_argument, NULL, OPT_PREFIX_AFFINITY},
     {"dry-run", no_argument, NULL, OPT_DRY_RUN},
     {"help", no_argument, NULL, 'h'},
@@ -117,8 +131,10 @@ static const char up_help[] =
 "`loom serve` command to run there is printed, and the gateway expects it at HOST:PORT with\n"
 "PORT = --base-port + its rank among that host's instances. When the local instances answer\n"
 "/health the gateway starts in this process with the plan's predicted rates and KV sizes and\n"
-"the endpoint is printed. Ctrl-C (SIGINT) or SIGTERM stops the gateway and every child\n"
-"(SIGTERM, then SIGKILL after --stop-timeout); exit status 0.\n"
+"the endpoint is printed. A local instance that dies afterwards is started again on its port\n"
+"(after 1 s, doubling up to 30 s; at most --max-restarts times in a row) and the gateway\n"
+"re-admits it when it answers /health. Ctrl-C (SIGINT) or SIGTERM stops the gateway and every\n"
+"child (SIGTERM, then SIGKILL after --stop-timeout); exit status 0.\n"
 "\n"
 "Without plan.yaml, plans this machine (its cores as the catalog's `cpu` device, as\n"
 "data/clusters/localhost-cpu.yaml) for --model (random:llama-tiny) and a 512/128 workload.\n"
@@ -140,6 +156,8 @@ static const char up_help[] =
 "  --max-kv-blocks N            start local instances with at most N KV blocks (default: the\n"
 "                               plan's; a cpu instance's blocks are real memory)\n"
 "  --max-num-seqs N             and at most N running sequences (default: the plan's batch)\n"
+"  --max-restarts N             restart a local instance that dies at most N times in a row\n"
+"                               (5; 0 never); a minute up resets the count\n"
 "  --log-dir DIR                each instance's output in DIR/instance-I.log (default: their\n"
 "                               stdout is discarded, their stderr is this terminal)\n"
 "  --startup-timeout SECONDS    wait this long for local instances' /health (120)\n"
@@ -160,8 +178,7 @@ static volatile sig_atomic_t stop_requested;
 
 static void on_stop_signal(int sig)
 {
-    (void)sig;
-    stop_requested = 1;
+    stop_requested = sig;
 }
 
 static bool parse_double(const char *s, double lo, double hi, double *out)
@@ -233,6 +250,9 @@ static int parse_opts(int argc, char **argv, up_opts *o, bool *help)
             break;
         case OPT_MAX_NUM_SEQS:
             ok = cli_parse_int(a, 1, 1 << 24, &o->max_num_seqs);
+            break;
+        case OPT_MAX_RESTARTS:
+            ok = cli_parse_int(a, 0, 1 << 20, &o->max_restarts);
             break;
         case OPT_PREFIX_AFFINITY:
             o->prefix_affinity = true;
@@ -406,7 +426,7 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static pid_t spawn(const char *exe, up_instance *u, const char *log_path)
+static pid_t spawn(const char *exe, up_instance *u, const char *log_path, bool append)
 {
     pid_t parent = getpid();
     pid_t pid = fork();
@@ -422,7 +442,8 @@ static pid_t spawn(const char *exe, up_instance *u, const char *log_path)
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     signal(SIGPIPE, SIG_DFL);
-    int fd = log_path ? open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)
+    int fd = log_path ? open(log_path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC),
+                             0644)
                       : open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
         dup2(fd, STDOUT_FILENO);
@@ -538,6 +559,94 @@ out:
     return rc;
 }
 
+/* ---------------------------------------------------------------- supervision */
+
+/* What the gateway's tick needs to keep the local instances running. */
+typedef struct up_supervisor {
+    gateway *g;
+    up_instance *ins;
+    int n;
+    const char *exe;
+    const char *log_dir;
+    long long max_restarts;
+} up_supervisor;
+
+static void instance_log_path(const char *log_dir, int i, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/instance-%d.log", log_dir, i);
+}
+
+/*
+ * Runs on the gateway's thread every tick: reaps local instances that have died and starts them
+ * again, on the same port with the same arguments, after a back-off. Bounded: one waitpid per
+ * instance and at most one fork each. The gateway sees a dead instance through its own health
+ * checks (a refused connection ejects it at once) and re-admits the restarted one when it
+ * answers /health; nothing here talks to the gateway but to stop it.
+ *
+ * SIGINT/SIGTERM are ours, not the gateway's: the flag is looked at here first, so that an
+ * instance that a Ctrl-C at the terminal stopped (the whole process group gets it) is never
+ * taken for one that died.
+ */
+static void supervise_tick(void *arg, double now)
+{
+    up_supervisor *s = arg;
+    if (stop_requested) {
+        gateway_stop(s->g);
+        return;
+    }
+    (void)now; /* the gateway's clock is loom_now(); ours is now_s(), both monotonic */
+    double t = now_s();
+    for (int i = 0; i < s->n; i++) {
+        up_instance *u = &s->ins[i];
+        if (!u->local || u->given_up)
+            continue;
+        if (u->pid > 0) {
+            if (t - u->started_at >= UP_STABLE_S)
+                u->restarts_in_row = 0;
+            if (!reap(u))
+                continue;
+            char why[64];
+            describe_exit(u->status, why, sizeof(why));
+            if (u->restarts_in_row >= s->max_restarts) {
+                u->given_up = true;
+                fprintf(stderr,
+                        "loom up: instance %d (port %d) %s; not restarted (%lld restart%s in a "
+                        "row, --max-restarts); the gateway routes around it\n",
+                        i, u->port, why, (long long)u->restarts_in_row,
+                        u->restarts_in_row == 1 ? "" : "s");
+                continue;
+            }
+            double backoff = UP_BACKOFF_FIRST_S;
+            for (int k = 0; k < u->restarts_in_row && backoff < UP_BACKOFF_MAX_S; k++)
+                backoff *= 2;
+            if (backoff > UP_BACKOFF_MAX_S)
+                backoff = UP_BACKOFF_MAX_S;
+            u->restart_at = t + backoff;
+            fprintf(stderr, "loom up: instance %d (port %d) %s; restarting it in %.0f s\n", i,
+                    u->port, why, backoff);
+        } else if (u->restart_at > 0 && t >= u->restart_at) {
+            char log_path[PATH_MAX];
+            if (s->log_dir)
+                instance_log_path(s->log_dir, i, log_path, sizeof(log_path));
+            fflush(NULL);
+            pid_t pid = spawn(s->exe, u, s->log_dir ? log_path : NULL, true);
+            u->restarts_in_row++;
+            if (pid < 0) {
+                u->restart_at = t + UP_BACKOFF_MAX_S;
+                fprintf(stderr, "loom up: instance %d: fork: %s; trying again in %.0f s\n", i,
+                        strerror(errno), UP_BACKOFF_MAX_S);
+                continue;
+            }
+            u->pid = pid;
+            u->started_at = t;
+            u->restart_at = 0;
+            fprintf(stderr, "loom up: instance %d restarted (pid %d, restart %d of at most %lld in "
+                            "a row); the gateway re-admits it when it answers /health\n",
+                    i, (int)pid, u->restarts_in_row, (long long)s->max_restarts);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- main */
 
 int cli_up(int argc, char **argv)
@@ -548,7 +657,8 @@ int cli_up(int argc, char **argv)
                  .bind = "127.0.0.1",
                  .base_port = GATEWAY_PLAN_BASE_PORT,
                  .startup_timeout = 120,
-                 .stop_timeout = 10};
+                 .stop_timeout = 10,
+                 .max_restarts = 5};
     bool help;
     int rc = parse_opts(argc, argv, &o, &help);
     if (rc || help) {
@@ -708,9 +818,10 @@ int cli_up(int argc, char **argv)
             continue;
         char log_path[PATH_MAX];
         if (o.log_dir)
-            snprintf(log_path, sizeof(log_path), "%s/instance-%d.log", o.log_dir, i);
+            instance_log_path(o.log_dir, i, log_path, sizeof(log_path));
         fflush(NULL);
-        ins[i].pid = spawn(exe, &ins[i], o.log_dir ? log_path : NULL);
+        ins[i].pid = spawn(exe, &ins[i], o.log_dir ? log_path : NULL, false);
+        ins[i].started_at = now_s();
         if (ins[i].pid < 0) {
             fprintf(stderr, "loom up: fork: %s\n", strerror(errno));
             ins[i].pid = 0;
@@ -733,7 +844,14 @@ int cli_up(int argc, char **argv)
     cfg.policy_cfg.prefix_affinity = o.prefix_affinity;
     cfg.upstreams = ups;
     cfg.n_upstreams = n;
-    cfg.handle_signals = true;
+    cfg.handle_signals = false; /* supervise_tick stops it on our SIGINT/SIGTERM */
+    up_supervisor sup = {.ins = ins,
+                         .n = n,
+                         .exe = exe,
+                         .log_dir = o.log_dir,
+                         .max_restarts = o.max_restarts};
+    cfg.tick_fn = supervise_tick;
+    cfg.tick_arg = &sup;
     if ((rc = gateway_create(&cfg, &g, &e))) {
         fprintf(stderr, "loom up: gateway: %s\n", e.msg);
         if (rc == LOOM_EIO)
@@ -751,9 +869,15 @@ int cli_up(int argc, char **argv)
            n_local < n ? ", remote ones are admitted when they answer /health" : "", v6 ? "[" : "",
            shown, v6 ? "]" : "", gateway_port(g), o.policy);
     fflush(stdout);
+    sup.g = g;
     if (!stop_requested && gateway_run(g, &e)) {
         fprintf(stderr, "loom up: gateway: %s\n", e.msg);
         rc = CLI_EXIT_FAIL;
+    }
+    if (stop_requested) {
+        printf("loom up: %s received, stopping the gateway and the instances\n",
+               stop_requested == SIGINT ? "SIGINT" : "SIGTERM");
+        fflush(stdout);
     }
 
 stop:

@@ -3,7 +3,8 @@
  * connections to the upstreams.
  *
  *   client ──POST──> handle_generate: inspect the body (model, stream, max_tokens, prompt size
- *                    and prefix hashes), then policy_select
+ *                    and prefix hashes), then policy_select (/tokenize and /detokenize skip
+ *                    the policy: passthrough_select, the next available instance)
  *                      ├─ an instance: attempt_start (policy_dispatch charges its work)
  *                      └─ POLICY_QUEUE / UNAVAILABLE: the FIFO queue (bounded; 503 +
  *                         Retry-After when full or after queue_timeout_s)
@@ -14,7 +15,8 @@
  *                         reached the client yet, a retry on another instance (front of queue)
  *   kick (deferred)       dispatches queued requests when capacity may have freed: after every
  *                         completion, scrape and re-admission; bounded per run
- *   tick (50 ms)          health checks and scrapes that are due, queue timeouts
+ *   tick (50 ms)          health checks and scrapes that are due, queue timeouts, the
+ *                         embedder's tick_fn (loom up restarts instances from there)
  *
  * A request has at most one attempt at a time; its struct lives until both its client side is
  * done (answered or gone) and its attempt is over. A client that disconnects (a read watcher
@@ -385,8 +387,10 @@ static void attempt_cancel(gw_request *r)
         a->ureq = NULL;
     }
     a->up->in_flight--;
-    policy_outcome o = {.ok = false, .prompt_tokens = -1, .completion_tokens = -1};
-    policy_complete(g->pol, g->inst, &a->ticket, &o, loom_now());
+    if (!r->passthrough) {
+        policy_outcome o = {.ok = false, .prompt_tokens = -1, .completion_tokens = -1};
+        policy_complete(g->pol, g->inst, &a->ticket, &o, loom_now());
+    }
     upstream_conn_put(a->up, a->conn);
     attempt_clear(a);
     gateway_kick(g);
@@ -584,7 +588,7 @@ static void attempt_finish(gw_request *r, bool transport_ok, bool refused)
     a->conn = NULL;
 
     double prompt = -1, completion = -1;
-    if (transport_ok && !a->discard) {
+    if (transport_ok && !a->discard && !r->passthrough) {
         if (r->info.stream) {
             prompt = a->sse.prompt_tokens;
             completion = a->sse.completion_tokens >= 0 ? a->sse.completion_tokens
@@ -609,9 +613,11 @@ static void attempt_finish(gw_request *r, bool transport_ok, bool refused)
     else if (transport_ok && a->status < 500)
         upstream_request_ok(up);
 
-    policy_outcome o = {.ok = served, .prompt_tokens = prompt, .completion_tokens = completion};
-    policy_complete(g->pol, g->inst, &a->ticket, &o, now);
-    if (served) {
+    if (!r->passthrough) {
+        policy_outcome o = {.ok = served, .prompt_tokens = prompt, .completion_tokens = completion};
+        policy_complete(g->pol, g->inst, &a->ticket, &o, now);
+    }
+    if (served && !r->passthrough) {
         if (prompt > 0)
             up->prompt_tokens += (uint64_t)prompt;
         if (completion > 0)
@@ -681,7 +687,7 @@ static void attempt_finish(gw_request *r, bool transport_ok, bool refused)
             set_instance_header(r->client, up);
             send_error(r->client, &err, status == 503 ? 1 : 0);
         }
-        if (served) {
+        if (served && !r->passthrough) {
             metrics_histogram_observe(&up->e2e, now - r->arrival);
             metrics_histogram_observe(&g->e2e, now - r->arrival);
         }
@@ -725,10 +731,12 @@ static void attempt_start(gw_request *r, int idx)
     gateway_sse_init(&a->sse);
     buf_init(&a->body);
     r->attempts++;
-    policy_dispatch(g->pol, g->inst, g->n_ups, idx, &r->preq, now, &a->ticket);
     up->in_flight++;
-    up->dispatched++;
-    g->dispatched_total++;
+    if (!r->passthrough) {
+        policy_dispatch(g->pol, g->inst, g->n_ups, idx, &r->preq, now, &a->ticket);
+        up->dispatched++;
+        g->dispatched_total++;
+    }
 
     a->conn = upstream_conn_get(up, &a->reused);
     struct evhttp_request *ureq = a->conn ? evhttp_request_new(on_up_done, r) : NULL;
@@ -753,7 +761,10 @@ static void attempt_start(gw_request *r, int idx)
     if (r->request_id)
         evhttp_add_header(h, "X-Request-Id", r->request_id);
     evbuffer_add(evhttp_request_get_output_buffer(ureq), r->body, r->body_len);
-    const char *uri = r->ep == GATEWAY_CHAT ? up->uri_chat : up->uri_completions;
+    const char *uri = r->ep == GATEWAY_CHAT         ? up->uri_chat
+                      : r->ep == GATEWAY_TOKENIZE   ? up->uri_tokenize
+                      : r->ep == GATEWAY_DETOKENIZE ? up->uri_detokenize
+                                                    : up->uri_completions;
     a->ureq = ureq;
     /* A connect that fails at once calls on_up_done before evhttp_make_request returns, which
      * may answer and free r: the flag on our stack says so, and then r is not touched again. */
@@ -776,6 +787,30 @@ static void attempt_start(gw_request *r, int idx)
 }
 
 /*
+ * A pass-through request (/tokenize, /detokenize) goes to the next available instance in turn,
+ * one it has not failed on if there is one; the policy is not asked and its books are not
+ * touched (the request generates nothing). POLICY_UNAVAILABLE when none is available.
+ */
+static int passthrough_select(gateway *g, gw_request *r)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        for (int k = 0; k < g->n_ups; k++) {
+            int i = (g->passthrough_cursor + k) % g->n_ups;
+            if (!upstream_available(g->ups[i]))
+                continue;
+            bool avoided = false;
+            for (int j = 0; pass == 0 && j < r->preq.n_avoid; j++)
+                avoided |= r->preq.avoid[j] == i;
+            if (avoided)
+                continue;
+            g->passthrough_cursor = (i + 1) % g->n_ups;
+            return i;
+        }
+    }
+    return POLICY_UNAVAILABLE;
+}
+
+/*
  * The queue, head first, while the policy places requests. FIFO: when the head must wait, so
  * does everything behind it (the policy answered for the cluster, not for this request alone).
  * A retry whose avoided instances are the only ones left may go back to one of them.
@@ -786,8 +821,9 @@ static void dispatch_queue(gateway *g)
     int budget = KICK_BUDGET;
     while (g->q_head && budget-- > 0) {
         gw_request *r = g->q_head;
-        int i = policy_select(g->pol, g->inst, g->n_ups, &r->preq, now);
-        if (i == POLICY_UNAVAILABLE && r->preq.n_avoid > 0) {
+        int i = r->passthrough ? passthrough_select(g, r)
+                               : policy_select(g->pol, g->inst, g->n_ups, &r->preq, now);
+        if (i == POLICY_UNAVAILABLE && r->preq.n_avoid > 0 && !r->passthrough) {
             r->preq.n_avoid = 0;
             i = policy_select(g->pol, g->inst, g->n_ups, &r->preq, now);
         }
@@ -827,6 +863,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     gateway *g = arg;
     double now = loom_now();
+    if (g->cfg.tick_fn)
+        g->cfg.tick_fn(g->cfg.tick_arg, now);
     upstream_probe_sweep(g, now);
     watch_old_requests(g, now);
     /* queue timeouts. Behind the retries (pushed to the front, each with a fresh clock) the
@@ -887,13 +925,14 @@ static void handle_generate(gateway *g, struct evhttp_request *evreq, gateway_en
     gw_request *r = xcalloc(1, sizeof(*r));
     r->gw = g;
     r->ep = ep;
+    r->passthrough = ep == GATEWAY_TOKENIZE || ep == GATEWAY_DETOKENIZE;
     r->body = xmalloc(len + 1);
     evbuffer_remove(in, r->body, len);
     r->body[len] = 0;
     r->body_len = len;
     char why[160];
-    if (gateway_request_inspect(ep, r->body, len, g->cfg.policy_cfg.prefix_affinity, &r->info, why,
-                                sizeof(why)) != 0) {
+    bool hash_prefix = g->cfg.policy_cfg.prefix_affinity && !r->passthrough;
+    if (gateway_request_inspect(ep, r->body, len, hash_prefix, &r->info, why, sizeof(why)) != 0) {
         g->bad_requests++;
         reply_simple_error(evreq, 400, "invalid_request_error", "invalid_json", why);
         request_free(r);
@@ -935,7 +974,16 @@ static void handle_generate(gateway *g, struct evhttp_request *evreq, gateway_en
     live_add(g, r);
     unwatched_push(g, r);
 
-    if (g->q_len == 0) {
+    if (r->passthrough) {
+        /* nothing to book and nothing to wait for but an available instance: not behind the
+         * requests the policy holds back */
+        r->info.stream = false; /* the answer is gathered whole, so it can be retried */
+        int i = passthrough_select(g, r);
+        if (i >= 0) {
+            attempt_start(r, i);
+            return;
+        }
+    } else if (g->q_len == 0) {
         int i = policy_select(g->pol, g->inst, g->n_ups, pr, r->arrival);
         if (i >= 0) {
             attempt_start(r, i);
@@ -954,6 +1002,16 @@ static void handle_completions(gateway *g, struct evhttp_request *evreq)
 static void handle_chat(gateway *g, struct evhttp_request *evreq)
 {
     handle_generate(g, evreq, GATEWAY_CHAT);
+}
+
+static void handle_tokenize(gateway *g, struct evhttp_request *evreq)
+{
+    handle_generate(g, evreq, GATEWAY_TOKENIZE);
+}
+
+static void handle_detokenize(gateway *g, struct evhttp_request *evreq)
+{
+    handle_generate(g, evreq, GATEWAY_DETOKENIZE);
 }
 
 static void handle_models(gateway *g, struct evhttp_request *evreq)
@@ -1067,6 +1125,8 @@ static const route routes[] = {
     {"/v1/completions", EVHTTP_REQ_POST, "POST", true, handle_completions},
     {"/v1/chat/completions", EVHTTP_REQ_POST, "POST", true, handle_chat},
     {"/v1/models", EVHTTP_REQ_GET, "GET", true, handle_models},
+    {"/tokenize", EVHTTP_REQ_POST, "POST", true, handle_tokenize},
+    {"/detokenize", EVHTTP_REQ_POST, "POST", true, handle_detokenize},
     {"/health", EVHTTP_REQ_GET, "GET", false, handle_health},
     {"/metrics", EVHTTP_REQ_GET, "GET", false, handle_metrics},
     {"/admin/upstreams", EVHTTP_REQ_GET, "GET", true, handle_upstreams},

@@ -37,6 +37,7 @@ struct gw_upstream {
     gateway_upstream_spec spec;
     char hostport[160];                       /* the Host header */
     char uri_completions[128], uri_chat[128]; /* base path + endpoint */
+    char uri_tokenize[128], uri_detokenize[128];
     /* state */
     bool healthy;             /* active checks (or passive ejection) say it serves */
     bool drained;             /* admin: no new requests */
@@ -82,6 +83,7 @@ typedef struct gw_request {
     gateway *gw;
     uint64_t id;
     gateway_endpoint ep;
+    bool passthrough; /* /tokenize, /detokenize: no policy, no books, any available instance */
     char *body;
     size_t body_len;
     char *accept, *authorization, *request_id; /* client headers passed on (or NULL) */
@@ -131,6 +133,7 @@ struct gateway {
     int n_abort_pending;
     uint64_t next_id;
     bool kick_pending;
+    int passthrough_cursor; /* where the next pass-through request starts looking */
     /* connections to free once their requests are gone */
     struct evhttp_connection **dead;
     int n_dead, cap_dead;

@@ -307,6 +307,8 @@ int upstreams_create(gateway *g, loom_err *e)
         snprintf(up->uri_completions, sizeof(up->uri_completions), "%s/v1/completions",
                  s->base_path);
         snprintf(up->uri_chat, sizeof(up->uri_chat), "%s/v1/chat/completions", s->base_path);
+        snprintf(up->uri_tokenize, sizeof(up->uri_tokenize), "%s/tokenize", s->base_path);
+        snprintf(up->uri_detokenize, sizeof(up->uri_detokenize), "%s/detokenize", s->base_path);
         up->healthy = true; /* until shown otherwise: serve at once */
         up->checked = cfg->health_interval_s <= 0;
         up->ejected_at = -1;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `loom up plan.yaml`: a plan with two local emulated instances (an H100 and a T4, serving
 # random:llama-tiny) becomes one endpoint; completions are answered through it by both
-# instances; SIGTERM stops the gateway and every `loom serve` child (exit 0, no process left).
+# instances; an instance killed with SIGKILL is restarted by loom up, re-admitted by the gateway
+# and serves again; SIGTERM stops the gateway and every `loom serve` child (exit 0, no process
+# left).
 # Loopback only; under 30 s.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -57,6 +59,45 @@ done
 curl -s "$url/admin/upstreams" >"$WORK/ups.json"
 served=$(grep -o '"requests":[0-9]*' "$WORK/ups.json" | awk -F: '$2 > 0' | wc -l)
 [ "$served" = 2 ] || die "want both instances to have served requests: $(cat "$WORK/ups.json")"
+
+# an instance that dies is started again on its port and re-admitted by the gateway: kill the
+# fast one (instance 0; an idle capacity_aware gateway sends every request there once it is back)
+FAST_URL=$(grep -o '^  \[0\] .* at [0-9.]*:[0-9]*' "$WORK/up.log" | grep -o '[0-9.]*:[0-9]*$')
+[ -n "$FAST_URL" ] || die "no address for instance 0 in: $(cat "$WORK/up.log")"
+FAST_URL="http://$FAST_URL"
+FAST_PID=$(pgrep -P "$UP_PID" -f -- "--port ${FAST_URL##*:}\$")
+[ -n "$FAST_PID" ] || die "no child of loom up listens on $FAST_URL: $(ps -o pid=,args= --ppid "$UP_PID")"
+kill -KILL "$FAST_PID"
+# requests meanwhile are answered (retried on the other instance), and eject the dead one
+for _ in $(seq 100); do
+    grep -q 'instance 0 restarted' "$WORK/up.log" && break
+    code=$(curl -s -o "$WORK/body" -w '%{http_code}' --max-time 10 "$url/v1/completions" \
+        -H 'Content-Type: application/json' -d '{"prompt": [1, 2, 3], "max_tokens": 4}')
+    [ "$code" = 200 ] || die "completion while instance 0 is dead: status $code: $(cat "$WORK/body")"
+    sleep 0.1
+done
+grep -q 'instance 0 (port [0-9]*) killed by signal 9; restarting it' "$WORK/up.log" ||
+    die "no death logged: $(tail -5 "$WORK/up.log")"
+grep -q 'instance 0 restarted' "$WORK/up.log" || die "instance 0 not restarted in 10 s: $(tail -5 "$WORK/up.log")"
+NEW_PID=$(pgrep -P "$UP_PID" -f -- "--port ${FAST_URL##*:}\$")
+[ -n "$NEW_PID" ] && [ "$NEW_PID" != "$FAST_PID" ] || die "no new child on $FAST_URL"
+E2E_PIDS+=("$NEW_PID")
+back=""
+for _ in $(seq 100); do
+    code=$(curl -s -D "$WORK/h" -o "$WORK/body" -w '%{http_code}' --max-time 10 \
+        "$url/v1/completions" -H 'Content-Type: application/json' \
+        -d '{"prompt": [1, 2, 3], "max_tokens": 4}')
+    [ "$code" = 200 ] || die "completion while instance 0 restarts: status $code: $(cat "$WORK/body")"
+    if grep -qi "^x-loom-instance: $FAST_URL" "$WORK/h"; then
+        back=1
+        break
+    fi
+    sleep 0.2
+done
+[ -n "$back" ] || die "restarted instance 0 never served through the gateway: $(curl -s "$url/admin/upstreams")"
+grep -q "upstream $FAST_URL re-admitted" "$WORK/up.log" || die "no re-admission logged: $(tail -5 "$WORK/up.log")"
+CHILDREN=$(ps -o pid= --ppid "$UP_PID" | tr -d ' ')
+[ "$(echo "$CHILDREN" | wc -w)" = 2 ] || die "want 2 child processes after the restart, got: $CHILDREN"
 
 kill -TERM "$UP_PID"
 rc=""
