@@ -4,6 +4,8 @@
  */
 #include "cli.h"
 
+#include "loom/blas_cpu.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -44,6 +46,7 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    tensor_blas_check_cpu(argv);
     if (argc < 2) {
         usage(stderr);
         return CLI_EXIT_USAGE;

@@ -1,0 +1,89 @@
+/*
+ * OpenBLAS picks its kernels at load time from CPUID's family and model. In virtual machines that
+ * report a model it does not know, or hide the OS-support bits it checks, it falls back to its
+ * generic "Prescott" (SSE3) kernels even where the CPU runs AVX-512: seen on this project's
+ * 16-core GPU hosts (OPENBLAS_VERBOSE=2 prints "Core: Prescott"), where every F32 GEMM then ran
+ * 3-8x slower. The kernel family can only be forced through OPENBLAS_CORETYPE before the
+ * library loads, so loom re-executes itself once with the variable set.
+ */
+#include "loom/blas_cpu.h"
+
+#include "loom/base.h"
+
+#include <cblas.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+static bool has_flag(const char *flags, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = flags; (p = strstr(p, name)); p += n) {
+        bool start = p == flags || p[-1] == ' ' || p[-1] == '\t' || p[-1] == ':';
+        bool end = p[n] == '\0' || p[n] == ' ' || p[n] == '\t' || p[n] == '\n';
+        if (start && end)
+            return true;
+    }
+    return false;
+}
+
+const char *tensor_blas_better_core(const char *corename, const char *flags)
+{
+    static const char *const generic[] = {"prescott", "core2", "penryn", "dunnington",
+                                          "nehalem", "atom", "katmai", "coppermine",
+                                          "northwood", "banias", "unknown"};
+    if (!corename || !flags)
+        return NULL;
+    bool old = false;
+    for (size_t i = 0; i < sizeof(generic) / sizeof(generic[0]); i++)
+        old |= !strcasecmp(corename, generic[i]);
+    if (!old || !has_flag(flags, "avx2") || !has_flag(flags, "fma"))
+        return NULL;
+    static const char *const avx512[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl",
+                                         "avx512cd"};
+    for (size_t i = 0; i < sizeof(avx512) / sizeof(avx512[0]); i++)
+        if (!has_flag(flags, avx512[i]))
+            return "Haswell";
+    return "SkylakeX";
+}
+
+static char *cpuinfo_flags(void)
+{
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return NULL;
+    char *line = NULL, *out = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0)
+        if (!strncmp(line, "flags", 5)) {
+            out = line;
+            line = NULL;
+            break;
+        }
+    free(line);
+    fclose(f);
+    return out;
+}
+
+void tensor_blas_check_cpu(char **argv)
+{
+    if (getenv("OPENBLAS_CORETYPE"))
+        return; /* the user's choice, or our own re-exec */
+    char *flags = cpuinfo_flags();
+    const char *core = tensor_blas_better_core(openblas_get_corename(), flags);
+    free(flags);
+    if (!core)
+        return;
+    LOG_INFO("OpenBLAS chose its %s kernels on a CPU with %s; restarting with "
+             "OPENBLAS_CORETYPE=%s",
+             openblas_get_corename(), strcmp(core, "SkylakeX") ? "AVX2" : "AVX-512", core);
+    if (setenv("OPENBLAS_CORETYPE", core, 1))
+        return;
+    execv("/proc/self/exe", argv);
+    LOG_WARN("could not restart with OPENBLAS_CORETYPE=%s; OpenBLAS keeps its generic kernels",
+             core); /* exec failed: go on as we are */
+    unsetenv("OPENBLAS_CORETYPE");
+}
