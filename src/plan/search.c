@@ -486,21 +486,13 @@ int plan_run(const plan_cluster *cluster, const model_config *mc, const char *mo
         return loom_errf(e, LOOM_EINVAL,
                          "memory utilization must be in (0, 1] and block size, "
                          "max-num-seqs and the token budget >= 1");
-    {
-        perf_model pm;
-        if ((rc = perf_model_init(&pm, mc, model_name, 2, 2, e)))
-            return rc;
-        out->model_params = pm.params_total;
-        out->model_active_params = pm.params_total - (double)pm.n_moe_layers *
-                                                         (pm.n_experts - pm.n_experts_per_tok) *
-                                                         pm.params_expert;
-        for (int i = 0; i < opts->n_tp_allowed; i++) {
-            char why[160];
-            if (!perf_tp_valid(&pm, NULL, opts->tp_allowed[i], why, sizeof(why)))
-                return loom_errf(e, LOOM_EINVAL, "TP=%d: %s of %s", opts->tp_allowed[i], why,
-                                 out->model_name);
-        }
-    }
+    perf_model pm;
+    if ((rc = perf_model_init(&pm, mc, model_name, 2, 2, e)))
+        return rc;
+    out->model_params = pm.params_total;
+    out->model_active_params = pm.params_total - (double)pm.n_moe_layers *
+                                                     (pm.n_experts - pm.n_experts_per_tok) *
+                                                     pm.params_expert;
 
     /* resolve devices; the kinds in use and their largest machine */
     dev = xcalloc((size_t)cluster->n, sizeof(*dev));
@@ -528,6 +520,20 @@ int plan_run(const plan_cluster *cluster, const model_config *mc, const char *mo
         du_of[i] = k;
         if (m->count > du[k].max_count)
             du[k].max_count = m->count;
+    }
+
+    /* --tp: each degree must suit some device kind of the cluster (any degree suits a pooled
+     * device such as the host's cores; accelerators need one that divides the heads) */
+    for (int i = 0; i < opts->n_tp_allowed; i++) {
+        char why[160] = "";
+        bool ok = false;
+        for (int k = 0; k < n_du && !ok; k++)
+            ok = perf_tp_valid(&pm, du[k].device, opts->tp_allowed[i], why, sizeof(why));
+        if (!ok) {
+            rc = loom_errf(e, LOOM_EINVAL, "TP=%d: %s of %s", opts->tp_allowed[i], why,
+                           out->model_name);
+            goto fail;
+        }
     }
 
     /* 1. every (device kind, tp) */

@@ -60,6 +60,10 @@ expect "unknown device" 2 "unknown device 'Z9000'" --cluster unknown.yaml --mode
     --no-output
 expect "TP that divides nothing" 2 'TP=3: 3 does not divide 32 heads and 8 KV heads' \
     --cluster mixed.yaml --model random:llama-1b --tp 3 --no-output
+# threads on the host's pooled cores need not divide the heads (12 of llama-125m)
+printf 'machines:\n  - {name: host, device: cpu, count: 8}\n' >cpu8.yaml
+expect "TP=8 on pooled cpu cores" 0 'cpu +8 ' --cluster cpu8.yaml \
+    --model random:llama-125m --tp 8 --output cpu8-plan.yaml
 expect "empty Azure trace" 2 'no requests' --cluster mixed.yaml --model random:llama-1b \
     --workload empty.csv --no-output
 expect "empty Mooncake trace" 2 'no requests' --cluster mixed.yaml --model random:llama-1b \
