@@ -43,6 +43,7 @@ typedef struct gateway_upstream_spec {
     double prefill_rate; /* prompt tokens/s; 0 = weight x the default */
     double decode_rate;  /* output tokens/s; 0 = weight x the default */
     double kv_tokens;    /* KV cache size in tokens; 0 = learnt from /metrics */
+    int max_batch;       /* sequences the instance runs at once (the plan's); 0 = unknown */
 } gateway_upstream_spec;
 
 /*
@@ -64,7 +65,7 @@ struct plan_file; /* loom/plan.h */
  * the instance's host (127.0.0.1 when it has none) and ports[i], or, when ports is NULL,
  * base_port + its rank among the plan's instances on that host. Rates: the plan's predicted
  * prefill and decode tokens/s (capacity_aware's starting rates); KV size: kv_blocks x
- * block_size tokens; weight (weighted_round_robin): predicted output tokens/s relative to the
+ * block_size tokens; max_batch: the plan's (capacity_aware's waves); weight (weighted_round_robin): predicted output tokens/s relative to the
  * slowest instance's. Pure. Returns 0, or LOOM_EINVAL (an empty plan, a port out of range).
  */
 int gateway_upstreams_from_plan(const struct plan_file *p, const int *ports, int base_port,

@@ -54,6 +54,11 @@ typedef struct policy_config {
     /* capacity_aware: rates per unit of weight when an instance has none (tokens/s) */
     double default_prefill_rate; /* 4000 */
     double default_decode_rate;  /* 400 */
+    /* capacity_aware, instances with a known max_batch: the share of a full-batch decode step
+     * that does not shrink with fewer sequences (reading the weights, fixed overheads). 0: the
+     * aggregate rate holds at any occupancy (no waves); 1: a sequence decodes at
+     * decode_rate / max_batch however few run. (0.5) */
+    double decode_step_fixed;
 } policy_config;
 
 void policy_config_default(policy_config *c);
@@ -62,11 +67,14 @@ void policy_config_default(policy_config *c);
 
 typedef struct policy_instance {
     /* --- set by the caller (policy_instance_init fills defaults) */
-    bool available;      /* healthy and not drained: may receive new requests */
-    double weight;       /* static capacity weight, > 0 (weighted_round_robin; rate prior) */
-    double prefill_rate; /* prompt tokens/s while busy: the plan's figure, refined online */
-    double decode_rate;  /* output tokens/s, all sequences together, while busy: likewise */
-    double kv_capacity;  /* KV cache size in tokens; 0 = unknown */
+    bool available;           /* healthy and not drained: may receive new requests */
+    double weight;            /* static capacity weight, > 0 (weighted_round_robin; rate prior) */
+    double prefill_rate;      /* prompt tokens/s while busy: the plan's figure, refined online */
+    double decode_rate;       /* output tokens/s, all sequences together, while busy: likewise */
+    double kv_capacity;       /* KV cache size in tokens; 0 = unknown */
+    int64_t max_batch;        /* sequences it runs at once (the plan's max_batch); 0 = unknown:
+                                 finish times from the aggregate rates alone */
+    double decode_step_fixed; /* policy_config.decode_step_fixed, copied by init */
 
     /* --- maintained by policy_dispatch / policy_progress / policy_complete */
     int64_t outstanding;    /* requests sent and not finished */
@@ -96,7 +104,8 @@ typedef struct policy_instance {
 
 /*
  * Zeroes inst and sets the caller's fields. Rates of 0 become weight x the config's default
- * rates; weight <= 0 becomes 1. Available by default.
+ * rates; weight <= 0 becomes 1. Available by default; max_batch 0 (unknown) until the caller
+ * sets it.
  */
 void policy_instance_init(policy_instance *inst, const policy_config *cfg, double weight,
                           double prefill_rate, double decode_rate, double kv_capacity_tokens);
@@ -218,8 +227,10 @@ double policy_kv_used(const policy *p, const policy_instance *inst, double now);
 bool policy_admits(const policy *p, const policy_instance *inst, const policy_request *req,
                    double now);
 /*
- * Expected seconds until inst finishes req if req were sent now: its queued prefill and decode
- * work plus req's, over its rates, with `credit` prompt tokens of req assumed cached.
+ * Expected seconds until inst finishes req if req were sent now, with `credit` prompt tokens of
+ * req assumed cached: its queued prefill and decode work plus req's, over its rates; when its
+ * max_batch is known, at least the wait for a free slot plus req's own service at the speed of
+ * one sequence among those it runs with (capacity_aware.c explains the model).
  */
 double policy_finish_time(const policy_instance *inst, const policy_request *req, double credit);
 /* Prompt tokens of req that instance `instance` likely caches (prefix_affinity only; else 0). */

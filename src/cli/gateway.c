@@ -249,6 +249,7 @@ static int apply_plan(gateway_opts *o)
         ups[i].prefill_rate = pf.instances[i].prefill_tokens_per_s;
         ups[i].decode_rate = pf.instances[i].decode_tokens_per_s;
         ups[i].kv_tokens = (double)pf.instances[i].kv_blocks * pf.instances[i].block_size;
+        ups[i].max_batch = pf.instances[i].max_batch;
     }
     free(o->ups);
     o->ups = ups;

@@ -772,6 +772,7 @@ int cli_up(int argc, char **argv)
         ups[i].prefill_rate = s.prefill_rate;
         ups[i].decode_rate = s.decode_rate;
         ups[i].kv_tokens = s.kv_tokens;
+        ups[i].max_batch = s.max_batch;
     }
 
     printf("loom up: %s, model %s, %d instance%s (predicted %.0f output tokens/s)\n",

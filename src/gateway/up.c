@@ -67,6 +67,7 @@ int gateway_upstreams_from_plan(const struct plan_file *p, const int *ports, int
         out[i].prefill_rate = in->prefill_tokens_per_s;
         out[i].decode_rate = in->decode_tokens_per_s;
         out[i].kv_tokens = (double)in->kv_blocks * (double)in->block_size;
+        out[i].max_batch = in->max_batch;
     }
     return LOOM_OK;
 }

@@ -322,6 +322,7 @@ int upstreams_create(gateway *g, loom_err *e)
         g->n_ups = i + 1;
         policy_instance_init(&g->inst[i], pc, s->weight, s->prefill_rate, s->decode_rate,
                              s->kv_tokens);
+        g->inst[i].max_batch = s->max_batch > 0 ? s->max_batch : 0;
     }
     return LOOM_OK;
 }

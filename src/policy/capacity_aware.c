@@ -12,6 +12,23 @@
  *              and expected output, c_s(r) the prompt tokens s likely caches (prefix affinity,
  *              else 0). Rates come from the plan (or weights) and are refined online
  *              (policy.c, maybe_update_rates).
+ *   waves      with the instance's max batch B known (the plan's max_batch), T_s is at least
+ *                  W_s = floor(n / B) B (P_s / n / prefill_rate_s + D_s / n / decode_rate_s)
+ *                        + ((m - 1) P_s / n + p_r - c_s(r)) / prefill_rate_s
+ *                        + o_r (B / decode_rate_s) (f + (1 - f) m / B),   m = n mod B + 1
+ *              (n outstanding requests). The instance is B slots filled in order: r waits for
+ *              the full waves ahead of it (the mean outstanding request each), then runs with m
+ *              sequences, one decode step lasting f + (1 - f) m / B of a full-batch step (f:
+ *              decode_step_fixed, 0.5; the aggregate rate is the one at the full batch). The
+ *              aggregate estimate is right for the instance's total work but lets a request
+ *              past the B-th count as 1/B of a wave; in an offline batch the slow instance then
+ *              gets a ninth request that runs alone after the first eight and sets the
+ *              makespan. The waves bound says no request finishes before its own tokens are
+ *              produced a step at a time. Its cost: for staggered requests (steady online
+ *              load) the wait for a slot is overstated, up to one request's duration, which
+ *              leans toward instances with free slots. The service clock (policy.c) counts
+ *              a second at m < B sequences as the share of a full-batch second the step model
+ *              gives them, so the learnt rates stay full-batch rates while a batch drains.
  *   waiting    none eligible: POLICY_QUEUE (the caller holds r and asks again when capacity
  *              frees). Also, by default (wait_for_soonest), when the soonest finish is on an
  *              instance that is not eligible: T_s counts the work that must drain before r, so

@@ -30,6 +30,7 @@ void policy_config_default(policy_config *c)
     c->prefix_index_blocks = 16384;
     c->default_prefill_rate = 4000;
     c->default_decode_rate = 400;
+    c->decode_step_fixed = 0.5;
 }
 
 int policy_count(void)
@@ -122,6 +123,8 @@ void policy_instance_init(policy_instance *inst, const policy_config *cfg, doubl
     inst->prefill_rate = prefill_rate > 0 ? prefill_rate : inst->weight * cfg->default_prefill_rate;
     inst->decode_rate = decode_rate > 0 ? decode_rate : inst->weight * cfg->default_decode_rate;
     inst->kv_capacity = kv_capacity_tokens > 0 ? kv_capacity_tokens : 0;
+    inst->max_batch = 0;
+    inst->decode_step_fixed = cfg->decode_step_fixed;
     inst->metrics_at = -1;
     inst->kv_usage = -1;
     inst->num_running = -1;
@@ -141,11 +144,23 @@ int policy_select(policy *p, const policy_instance *inst, int n, const policy_re
 /*
  * The service clock: while n requests are outstanding, each receives 1/n of the instance per
  * second (continuous batching shares an instance about evenly). Advanced at every change of n.
+ * With a known max batch B, a second with m = n < B sequences running counts as the fraction of
+ * a full-batch second that m sequences achieve under the step model of policy_finish_time,
+ * (m / B) / (f + (1 - f) m / B), so that the rates learnt stay those at the full batch (which
+ * the finish-time estimate expects) rather than sinking while a batch drains.
  */
 static void account_service(policy_instance *inst, double now)
 {
-    if (inst->outstanding > 0 && now > inst->busy_mark)
-        inst->service_clock += (now - inst->busy_mark) / (double)inst->outstanding;
+    if (inst->outstanding > 0 && now > inst->busy_mark) {
+        double share = 1.0;
+        if (inst->max_batch > 0 && inst->outstanding < inst->max_batch) {
+            double f = inst->decode_step_fixed;
+            f = f > 0 ? (f < 1 ? f : 1) : 0;
+            double x = (double)inst->outstanding / (double)inst->max_batch;
+            share = x / (f + (1 - f) * x);
+        }
+        inst->service_clock += (now - inst->busy_mark) * share / (double)inst->outstanding;
+    }
     if (now > inst->busy_mark || inst->outstanding == 0)
         inst->busy_mark = now;
 }
@@ -343,6 +358,15 @@ bool policy_admits(const policy *p, const policy_instance *inst, const policy_re
     return true;
 }
 
+/*
+ * The aggregate estimate (P + p) / prefill_rate + (D + o) / decode_rate, and with a known max
+ * batch B the wave estimate: the instance as B slots filled in order, so that the request,
+ * behind n outstanding ones, waits for floor(n / B) full waves of the mean outstanding request
+ * and then runs with m = n mod B + 1 sequences, one decode step lasting
+ * (f + (1 - f) m / B) of a full-batch step (f = decode_step_fixed). The larger of the two: the
+ * aggregate bound holds whatever the order, the wave bound says the request cannot finish before
+ * its own tokens have been produced one step at a time. See capacity_aware.c.
+ */
 double policy_finish_time(const policy_instance *inst, const policy_request *req, double credit)
 {
     double prompt = req->prompt_tokens > 0 ? req->prompt_tokens : 0;
@@ -352,7 +376,22 @@ double policy_finish_time(const policy_instance *inst, const policy_request *req
     double out = req->expected_output > 0 ? req->expected_output : 0;
     double pr = inst->prefill_rate > 1e-9 ? inst->prefill_rate : 1e-9;
     double dr = inst->decode_rate > 1e-9 ? inst->decode_rate : 1e-9;
-    return (inst->pending_prefill + prefill) / pr + (inst->pending_decode + out) / dr;
+    double aggregate = (inst->pending_prefill + prefill) / pr + (inst->pending_decode + out) / dr;
+    if (inst->max_batch <= 0)
+        return aggregate;
+    double B = (double)inst->max_batch;
+    int64_t n = inst->outstanding > 0 ? inst->outstanding : 0;
+    int64_t waves = n / inst->max_batch;                  /* full waves ahead of the request */
+    double m = (double)(n - waves * inst->max_batch) + 1; /* sequences in its wave, it included */
+    double mean_prefill = n > 0 ? inst->pending_prefill / (double)n : 0;
+    double mean_decode = n > 0 ? inst->pending_decode / (double)n : 0;
+    double wait = (double)waves * B * (mean_prefill / pr + mean_decode / dr);
+    double f = inst->decode_step_fixed;
+    f = f > 0 ? (f < 1 ? f : 1) : 0;
+    double step = f + (1 - f) * m / B; /* a decode step at occupancy m, over one at B */
+    double own = ((m - 1) * mean_prefill + prefill) / pr + out * B * step / dr;
+    double wave = wait + own;
+    return wave > aggregate ? wave : aggregate;
 }
 
 double policy_prefix_credit(const policy *p, int instance, const policy_request *req)

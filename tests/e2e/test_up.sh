@@ -56,9 +56,11 @@ for i in $(seq 6); do
     grep -q '"completion_tokens":4' "$WORK/body" || die "completion $i: $(cat "$WORK/body")"
     grep -i '^x-loom-instance:' "$WORK/h" | tr -d '\r' | awk '{print $2}' >>"$WORK/instances"
 done
+# (at this load capacity_aware may send everything to the H100: a request finishes sooner
+# there even beside a dozen others; the T4 serves below, while the H100 is dead)
 curl -s "$url/admin/upstreams" >"$WORK/ups.json"
 served=$(grep -o '"requests":[0-9]*' "$WORK/ups.json" | awk -F: '$2 > 0' | wc -l)
-[ "$served" = 2 ] || die "want both instances to have served requests: $(cat "$WORK/ups.json")"
+[ "$served" -ge 1 ] || die "no instance served requests: $(cat "$WORK/ups.json")"
 
 # an instance that dies is started again on its port and re-admitted by the gateway: kill the
 # fast one (instance 0; an idle capacity_aware gateway sends every request there once it is back)
@@ -98,6 +100,9 @@ done
 grep -q "upstream $FAST_URL re-admitted" "$WORK/up.log" || die "no re-admission logged: $(tail -5 "$WORK/up.log")"
 CHILDREN=$(ps -o pid= --ppid "$UP_PID" | tr -d ' ')
 [ "$(echo "$CHILDREN" | wc -w)" = 2 ] || die "want 2 child processes after the restart, got: $CHILDREN"
+curl -s "$url/admin/upstreams" >"$WORK/ups.json"
+served=$(grep -o '"requests":[0-9]*' "$WORK/ups.json" | awk -F: '$2 > 0' | wc -l)
+[ "$served" = 2 ] || die "want both instances to have served requests: $(cat "$WORK/ups.json")"
 
 kill -TERM "$UP_PID"
 rc=""
