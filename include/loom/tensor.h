@@ -21,6 +21,16 @@ int tensor_get_threads(void);
  * when all have finished. Idle workers spin briefly, then yield, then sleep. A call from inside
  * a job, or while another thread's job runs, runs fn(arg, 0, 1) inline. */
 void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg);
+/* Jobs handed to the pool's workers so far (calls that ran inline are not counted): each costs
+ * a hand-off, for profiles. */
+uint64_t tensor_parallel_jobs(void);
+/* For profiles on a machine with fewer cores (set tensor_set_threads(n) too): every parallel
+ * call runs on the caller, each tensor_parallel thread share and each task timed, the shares
+ * or the tasks (in order, to the simulated thread free first) laid on n threads. Returns the
+ * calls' simulated time on n threads (no hand-off, no memory contention) summed so far, and in
+ * *wall the time they took here. n <= 1 turns it off. */
+void tensor_parallel_simulate(int n);
+double tensor_parallel_simulated(double *wall);
 /* Runs fn(arg, i, tid) for every task i in 0 .. n-1 on the pool: each thread takes the next
  * task not yet taken, so which thread runs a task depends on timing; tid (below
  * tensor_get_threads()) only picks per-thread scratch. Results do not depend on the thread count

@@ -8,6 +8,10 @@
  * descheduled ones made a llama-125m decode step 10-30x slower (18 ms idle, 250-500 ms loaded;
  * with OMP_WAIT_POLICY=passive, 48 ms). Here an idle worker spins briefly (the next GEMM of a
  * forward pass follows within microseconds), then yields, then sleeps on a condition variable.
+ * The yielding lasts 1 ms: a training step's serial pieces (the MoE router, a task list's tail)
+ * leave workers idle for a few hundred microseconds, and a worker that slept then costs each
+ * following job a futex wake-up (tens of microseconds per thread at 16 threads, more on a VM)
+ * before the job can finish: every worker checks in on every job.
  */
 #include "loom/tensor.h"
 
@@ -17,6 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -25,16 +30,16 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#define SPIN_PAUSES 4000 /* ~0.1-0.3 ms of pause instructions */
-#define SPIN_YIELDS 50   /* then sched_yield, letting other processes run */
+#define SPIN_PAUSES 4000   /* ~40 us (10 ns a pause) to ~0.3 ms (older cores) of pause */
+#define SPIN_YIELD_NS 1000000 /* then sched_yield, letting other processes run, for 1 ms */
 
 typedef struct pool {
     int n;              /* threads including the caller; 1 = no workers */
     pthread_t *workers; /* (n-1) */
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    atomic_uint_fast64_t gen; /* bumped once per job */
-    atomic_int pending;       /* workers still running the current job */
+    _Alignas(64) atomic_uint_fast64_t gen; /* bumped once per job; the workers spin on it */
+    _Alignas(64) atomic_int pending;       /* workers still running the current job */
     atomic_bool stop;
     uint64_t start_gen; /* gen when the workers were made: their first 'seen' */
     void (*fn)(void *arg, int tid, int n);
@@ -43,7 +48,18 @@ typedef struct pool {
 
 static pool g_pool = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 static pthread_mutex_t g_caller = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static atomic_uint_fast64_t g_jobs; /* jobs handed to the workers (tensor_parallel_jobs) */
+static int g_sim;                   /* tensor_parallel_simulate: threads to time on one */
+static double g_sim_time, g_sim_wall; /* makespans, and time spent, summed over the calls */
+
 static _Thread_local bool tl_in_job;
+
+static double pool_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 /* Waits until the job generation differs from seen; returns the new one. */
 static uint64_t wait_job(uint64_t seen)
@@ -54,10 +70,13 @@ static uint64_t wait_job(uint64_t seen)
             return g;
         cpu_relax();
     }
-    for (int i = 0; i < SPIN_YIELDS; i++) {
+    double t0 = pool_now();
+    for (int i = 0;; i++) {
         if ((g = atomic_load_explicit(&g_pool.gen, memory_order_acquire)) != seen)
             return g;
         sched_yield();
+        if (i % 16 == 15 && pool_now() - t0 > SPIN_YIELD_NS * 1e-9)
+            break;
     }
     pthread_mutex_lock(&g_pool.mu);
     while ((g = atomic_load_explicit(&g_pool.gen, memory_order_acquire)) == seen &&
@@ -136,6 +155,21 @@ static void pool_resize(int n)
 void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg)
 {
     int n = tensor_get_threads();
+    if (g_sim > 1 && !tl_in_job) {
+        /* each thread's share in turn; the slowest is the call's time on g_sim threads */
+        double worst = 0.0, w0 = pool_now();
+        tl_in_job = true;
+        for (int tid = 0; tid < g_sim; tid++) {
+            double t0 = pool_now();
+            fn(arg, tid, g_sim);
+            double dt = pool_now() - t0;
+            worst = dt > worst ? dt : worst;
+        }
+        tl_in_job = false;
+        g_sim_time += worst;
+        g_sim_wall += pool_now() - w0;
+        return;
+    }
     if (n <= 1 || tl_in_job || pthread_mutex_trylock(&g_caller) != 0) {
         fn(arg, 0, 1); /* nested, or another thread's job is running: inline */
         return;
@@ -147,6 +181,7 @@ void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg)
         fn(arg, 0, 1);
         return;
     }
+    atomic_fetch_add_explicit(&g_jobs, 1, memory_order_relaxed);
     g_pool.fn = fn;
     g_pool.arg = arg;
     atomic_store_explicit(&g_pool.pending, g_pool.n - 1, memory_order_relaxed);
@@ -165,6 +200,44 @@ void tensor_parallel(void (*fn)(void *arg, int tid, int n), void *arg)
             sched_yield();
     }
     pthread_mutex_unlock(&g_caller);
+}
+
+uint64_t tensor_parallel_jobs(void)
+{
+    return atomic_load_explicit(&g_jobs, memory_order_relaxed);
+}
+
+void tensor_parallel_simulate(int n)
+{
+    g_sim = n;
+}
+
+double tensor_parallel_simulated(double *wall)
+{
+    *wall = g_sim_wall;
+    return g_sim_time;
+}
+
+/* A task list on g_sim simulated threads: each task timed, given to the thread free first (the
+ * order the shared counter hands them out); the last to finish is the call's time. */
+static void sim_for(int n, void (*fn)(void *arg, int i, int tid), void *arg)
+{
+    double free_at[256] = {0}, end = 0.0;
+    int P = g_sim < 256 ? g_sim : 256;
+    double w0 = pool_now();
+    tl_in_job = true;
+    for (int i = 0; i < n; i++) {
+        int t = 0;
+        for (int j = 1; j < P; j++)
+            t = free_at[j] < free_at[t] ? j : t;
+        double t0 = pool_now();
+        fn(arg, i, 0);
+        free_at[t] += pool_now() - t0;
+        end = free_at[t] > end ? free_at[t] : end;
+    }
+    tl_in_job = false;
+    g_sim_time += end;
+    g_sim_wall += pool_now() - w0;
 }
 
 /* ---------------------------------------------------------------- task lists */
@@ -188,6 +261,10 @@ void tensor_parallel_for(int n, void (*fn)(void *arg, int i, int tid), void *arg
 {
     if (n <= 0)
         return;
+    if (g_sim > 1 && !tl_in_job) {
+        sim_for(n, fn, arg);
+        return;
+    }
     if (n == 1 || tensor_get_threads() <= 1) {
         for (int i = 0; i < n; i++)
             fn(arg, i, 0);

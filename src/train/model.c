@@ -1,7 +1,7 @@
 /*
  * Trainable decoder-only transformer (Llama / Mixtral): parameters laid out like the Hugging Face
  * checkpoint, a forward pass that keeps every activation, and its backward in C over the tensor
- * kernels (tensor_matmul forward, pooled cblas_sgemm slabs for the gradient GEMMs).
+ * kernels (GEMMs as task lists of single-threaded cblas_sgemm tiles over the thread pool).
  *
  * Dimension letters: B sequences, T positions, N = B*T tokens, d hidden, H heads, Hkv kv heads,
  * hd head dim, V vocab, I FFN size (per expert), E experts, k slots per token, L layers,
@@ -36,12 +36,11 @@
  * tokens (the RMSNorm and embedding weight gradients) takes a block of COL_TASK output columns
  * per task and sums over every token in order; attention takes one (sequence, head) or
  * (sequence, kv head) per task. None of these partitions depends on the thread count. GEMMs
- * (the helpers below, tensor_matmul, the FFN pieces) are split by output rows or columns by
- * thread count, which leaves each output element's sum whole, so results are bitwise the same
- * for every --threads.
+ * (the tile lists below, the FFN pieces) are split by output rows or columns, which leaves each
+ * output element's sum whole, so results are bitwise the same for every --threads.
  */
 #define TOK_TASK 32 /* tokens per task of the row-wise kernels */
-#define COL_TASK 64 /* output columns per task of a sum over tokens */
+#define COL_TASK 32 /* output columns (two cache lines) per task of a sum over tokens */
 
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 static int imin(int a, int b) { return a < b ? a : b; }
@@ -112,58 +111,114 @@ static void par_copy(float *dst, const float *src, size_t n)
 /* ------------------------------------------------------------------ GEMM helpers */
 
 /*
- * The gradient GEMMs run on the tensor pool like tensor_matmul: OpenBLAS is single-threaded
- * (tensor_set_threads), so a large product is split into one slab of output rows per thread,
- * each thread a single-threaded SGEMM. Small products run on the caller.
+ * The GEMMs run on the tensor pool as task lists over a grid of output tiles, each tile a
+ * single-threaded SGEMM (OpenBLAS is single-threaded: tensor_set_threads). A tile keeps each
+ * output element's sum whole, so results are the same for every --threads. About two tiles per
+ * thread, split over rows and, where rows run short (a 64-row weight gradient at 16 threads),
+ * over columns too: a late or descheduled thread delays one tile, not a fixed slab of the
+ * product, and on one thread a GEMM is one call (tiles repack the shared operand). Several
+ * GEMMs of a layer go in one list (one hand-off to the pool), and GEMMs that add into the same
+ * output (then) run one after another on each tile, in order.
  */
 enum { MM_DX, MM_DW, MM_Y };
-typedef struct mm_args {
+typedef struct mm_op {
     int kind, n, in, out;
     float alpha, beta;
     float *c;
     const float *a, *b;
-} mm_args;
+    const struct mm_op *then; /* added into the same tile of c after this one (beta 1) */
+    int tiles_r, tiles_c;     /* tile grid over the rows and columns of c */
+} mm_op;
 
-static void mm_rows(const mm_args *g, int r0, int r1)
+/* Rows and columns of c. */
+static int mm_rows_of(const mm_op *g) { return g->kind == MM_DW ? g->out : g->n; }
+static int mm_cols_of(const mm_op *g) { return g->kind == MM_Y ? g->out : g->in; }
+
+static void mm_tile(const mm_op *g, int r0, int r1, int c0, int c1, float beta)
 {
-    int n = g->n, in = g->in, out = g->out, rows = r1 - r0;
-    if (rows <= 0)
-        return;
+    int n = g->n, in = g->in, out = g->out, rows = r1 - r0, cols = c1 - c0;
     switch (g->kind) {
-    case MM_DX: /* dx rows r0.. = beta dx + alpha dy rows r0.. @ w */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in, out, g->alpha,
-                    g->a + (size_t)r0 * out, out, g->b, in, g->beta, g->c + (size_t)r0 * in, in);
+    case MM_DX: /* dx (n, in) = beta dx + alpha dy (n, out) @ w (out, in) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, out, g->alpha,
+                    g->a + (size_t)r0 * out, out, g->b + c0, in, beta,
+                    g->c + (size_t)r0 * in + c0, in);
         break;
-    case MM_DW: /* dw rows r0.. += alpha (dy columns r0..)^T @ x */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, in, n, g->alpha, g->a + r0,
-                    out, g->b, in, 1.0f, g->c + (size_t)r0 * in, in);
+    case MM_DW: /* dw (out, in) = beta dw + alpha dy^T (out, n) @ x (n, in) */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, cols, n, g->alpha, g->a + r0,
+                    out, g->b + c0, in, beta, g->c + (size_t)r0 * in + c0, in);
         break;
-    default: /* y rows r0.. = x rows r0.. @ w^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f,
-                    g->a + (size_t)r0 * in, in, g->b, in, 0.0f, g->c + (size_t)r0 * out, out);
+    default: /* y (n, out) = beta y + alpha x (n, in) @ w^T (in, out) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, in, g->alpha,
+                    g->a + (size_t)r0 * in, in, g->b + (size_t)c0 * in, in, beta,
+                    g->c + (size_t)r0 * out + c0, out);
         break;
     }
 }
 
-static void mm_job(void *arg, int tid, int nth)
+#define MM_MAX_OPS 8
+typedef struct mm_list {
+    const mm_op *op;
+    int n_op;
+    int task0[MM_MAX_OPS + 1]; /* first task of each op */
+} mm_list;
+
+/* Edge i of n even tiles over `size`, on a multiple of 16 (whole cache lines of c's rows). */
+static int tile_edge(int i, int n, int size)
 {
-    const mm_args *g = arg;
-    int M = g->kind == MM_DW ? g->out : g->n;
-    mm_rows(g, (int)((int64_t)M * tid / nth), (int)((int64_t)M * (tid + 1) / nth));
+    return i >= n ? size : (int)((int64_t)size * i / n) & ~15;
+}
+
+static void mm_task(void *arg, int t, int tid)
+{
+    const mm_list *l = arg;
+    int i = 0;
+    while (l->task0[i + 1] <= t)
+        i++;
+    const mm_op *g = &l->op[i];
+    int M = mm_rows_of(g), C = mm_cols_of(g), j = t - l->task0[i];
+    int ri = j / g->tiles_c, ci = j % g->tiles_c;
+    int r0 = tile_edge(ri, g->tiles_r, M), r1 = tile_edge(ri + 1, g->tiles_r, M);
+    int c0 = tile_edge(ci, g->tiles_c, C), c1 = tile_edge(ci + 1, g->tiles_c, C);
+    mm_tile(g, r0, r1, c0, c1, g->beta);
+    for (const mm_op *x = g->then; x; x = x->then)
+        mm_tile(x, r0, r1, c0, c1, 1.0f);
+}
+
+/* Runs n_op (<= MM_MAX_OPS) GEMMs with disjoint outputs as one task list. */
+static void mm_list_run(const mm_op *op, int n_op)
+{
+    mm_list l = {.op = op, .n_op = n_op};
+    for (int i = 0; i < n_op; i++) {
+        int M = mm_rows_of(&op[i]), C = mm_cols_of(&op[i]);
+        l.task0[i + 1] = l.task0[i] + (M > 0 && C > 0 && op[i].n > 0
+                                           ? op[i].tiles_r * op[i].tiles_c : 0);
+    }
+    tensor_parallel_for(l.task0[n_op], mm_task, &l);
+}
+
+/* The tile grid for the thread count: 2 tiles per thread (1 on one thread), even splits of at
+ * least 32 rows (a weight gradient, whose sum runs over every token) or 64 (token rows) and 64
+ * columns. No thin tiles: OpenBLAS takes its small-matrix kernels for them, whose sums round
+ * differently from the blocked kernel's (a 16-row x @ w^T tile differs in the last bit). */
+static mm_op mm_make(int kind, float *c, const float *a, const float *b, int n, int in, int out,
+                     float alpha, float beta)
+{
+    mm_op g = {.kind = kind, .n = n, .in = in, .out = out, .alpha = alpha, .beta = beta, .c = c,
+               .a = a, .b = b};
+    int nth = tensor_get_threads(), want = nth > 1 ? 2 * nth : 1;
+    int M = mm_rows_of(&g) > 0 ? mm_rows_of(&g) : 1, C = mm_cols_of(&g) > 0 ? mm_cols_of(&g) : 1;
+    int rt = imin(want, M / (kind == MM_DW ? 32 : 64));
+    g.tiles_r = rt < 1 ? 1 : rt;
+    int ct = imin(ceil_div(want, g.tiles_r), C / 64);
+    g.tiles_c = ct < 1 ? 1 : ct;
+    return g;
 }
 
 static void mm_run(int kind, float *c, const float *a, const float *b, int n, int in, int out,
                    float alpha, float beta)
 {
-    if (n <= 0)
-        return;
-    mm_args g = {.kind = kind, .n = n, .in = in, .out = out, .alpha = alpha, .beta = beta, .c = c,
-                 .a = a, .b = b};
-    int M = kind == MM_DW ? out : n;
-    if (tensor_get_threads() > 1 && M >= 32 && (double)n * in * out >= 1 << 18)
-        tensor_parallel(mm_job, &g);
-    else
-        mm_rows(&g, 0, M);
+    mm_op g = mm_make(kind, c, a, b, n, in, out, alpha, beta);
+    mm_list_run(&g, 1);
 }
 
 /* dx (n, in) += dy (n, out) @ w (out, in) */
@@ -220,14 +275,15 @@ void train_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w
     tensor_parallel_for(ceil_div(N, TOK_TASK), rms_forward_task, &a);
 }
 
-/* Tasks below ceil(N / TOK_TASK) take rows of dx; the others a block of dw's columns, summed
- * over every token in order. */
+/* Tasks below ceil(d / COL_TASK) take a block of dw's columns, summed over every token in order
+ * (the long tasks first, so they do not finish last); the others rows of dx. */
 SIMD_CLONES static void rms_backward_task(void *arg, int task, int tid)
 {
     const rms_args *a = arg;
-    int d = a->d, n_row = ceil_div(a->N, TOK_TASK);
+    int d = a->d, n_col = ceil_div(d, COL_TASK);
     const float *w = a->w;
-    if (task < n_row) {
+    if (task >= n_col) {
+        task -= n_col;
         for (int t = task * TOK_TASK, t1 = imin(t + TOK_TASK, a->N); t < t1; t++) {
             const float *xt = a->x + (size_t)t * d, *dyt = a->dy + (size_t)t * d;
             float *dxt = a->dx + (size_t)t * d;
@@ -250,7 +306,7 @@ SIMD_CLONES static void rms_backward_task(void *arg, int task, int tid)
         }
         return;
     }
-    int i0 = (task - n_row) * COL_TASK, n = imin(COL_TASK, d - i0);
+    int i0 = task * COL_TASK, n = imin(COL_TASK, d - i0);
     float acc[COL_TASK];
     memcpy(acc, a->dw + i0, (size_t)n * sizeof(float));
     for (int t = 0; t < a->N; t++) {
@@ -493,8 +549,8 @@ SIMD_CLONES void train_swiglu_backward(float *dg, float *du, const float *da, co
  *   x (rows, d); g, u, a (rows, I) kept; y (rows, d); w1, w3 (I, d); w2 (d, I).
  * Forward tasks: a piece of one segment's rows, the whole FFN on it with single-threaded
  * SGEMMs. Backward, in two rounds of tasks:
- *   1. pieces of rows: da = dy W2, (dg, du) = swiglu', dx = beta dx + dg W1 + du W3;
- *      and blocks of rows of dW2 += dy^T a
+ *   1. blocks of rows of dW2 += dy^T a; and pieces of rows: da = dy W2,
+ *      (dg, du) = swiglu', dx = beta dx + dg W1 + du W3
  *   2. blocks of rows of dW1 += dg^T x, of dW3 += du^T x
  * A weight-gradient block sums over all of its segment's rows in one SGEMM, so no sum is split.
  * The pieces are as large as the thread count allows (each SGEMM packs its weights again: on
@@ -582,9 +638,10 @@ void train_ffn_forward_segs(float *y, float *g, float *u, float *a, const float 
 static void ffn_backward_task1(void *arg, int i, int tid)
 {
     const ffn_args *f = arg;
-    int d = f->d, I = f->I, n_rows = f->task0[f->n_seg];
-    if (i < n_rows) {
+    int d = f->d, I = f->I, n_w = f->n_seg * f->blocks; /* dW2 blocks first: the long tasks */
+    if (i >= n_w) {
         int r, n;
+        i -= n_w;
         const train_ffn_seg *s = ffn_row_task(f, i, &r, &n);
         float *dg = f->dg + (size_t)r * I, *du = f->du + (size_t)r * I;
         float *dx = f->dx + (size_t)r * d;
@@ -598,8 +655,8 @@ static void ffn_backward_task1(void *arg, int i, int tid)
                     1.0f, dx, d);
         return;
     }
-    const train_ffn_seg *s = &f->seg[(i - n_rows) / f->blocks];
-    int j0, m = ffn_block(f, d, (i - n_rows) % f->blocks, &j0);
+    const train_ffn_seg *s = &f->seg[i / f->blocks];
+    int j0, m = ffn_block(f, d, i % f->blocks, &j0);
     if (s->n <= 0 || m <= 0)
         return;
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, I, s->n, 1.0f,
@@ -1150,6 +1207,7 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
     size_t NI = (size_t)N * I, att_l = (size_t)B * H * T * T;
     tok_args ta = {.m = m};
     tensor_parallel_for(ceil_div(N, TOK_TASK), embed_task, &ta);
+    TRAIN_PROF(TP_EMBED);
 
     m->moe_aux_ready = false;
     for (int l = 0; l < L; l++) {
@@ -1159,15 +1217,31 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
         float *q = m->q + l * Nq, *k = m->k + l * Nkv, *v = m->v + l * Nkv;
         float *ao = m->ao + l * Nq, *P = m->att + l * att_l;
         train_rmsnorm_forward(h1, m->rstd1 + (size_t)l * N, x, w->ln1, N, d, c->rms_norm_eps);
-        tensor_matmul(q, h1, w->wq, NULL, N, d, H * hd);
-        tensor_matmul(k, h1, w->wk, NULL, N, d, Hkv * hd);
-        tensor_matmul(v, h1, w->wv, NULL, N, d, Hkv * hd);
+        TRAIN_PROF(TP_NORM);
+        if (N > 16) {
+            mm_op qkv[3] = {mm_make(MM_Y, q, h1, w->wq, N, d, H * hd, 1.0f, 0.0f),
+                            mm_make(MM_Y, k, h1, w->wk, N, d, Hkv * hd, 1.0f, 0.0f),
+                            mm_make(MM_Y, v, h1, w->wv, N, d, Hkv * hd, 1.0f, 0.0f)};
+            mm_list_run(qkv, 3);
+        } else { /* a few tokens (greedy decode): tensor_matmul's kernels, as the engine's */
+            tensor_matmul(q, h1, w->wq, NULL, N, d, H * hd);
+            tensor_matmul(k, h1, w->wk, NULL, N, d, Hkv * hd);
+            tensor_matmul(v, h1, w->wv, NULL, N, d, Hkv * hd);
+        }
+        TRAIN_PROF(TP_QKV);
         rope_run(m, q, H, 1);
         rope_run(m, k, Hkv, 1);
+        TRAIN_PROF(TP_ROPE);
         train_attention_forward(ao, P, q, k, v, B, T, H, Hkv, hd);
+        TRAIN_PROF(TP_ATTN);
         par_copy(x2, x, Nd);
-        tensor_matmul_add(x2, ao, w->wo, N, H * hd, d);
+        if (N > 16)
+            mm_run(MM_Y, x2, ao, w->wo, N, H * hd, d, 1.0f, 1.0f);
+        else
+            tensor_matmul_add(x2, ao, w->wo, N, H * hd, d);
+        TRAIN_PROF(TP_OPROJ);
         train_rmsnorm_forward(h2, m->rstd2 + (size_t)l * N, x2, w->ln2, N, d, c->rms_norm_eps);
+        TRAIN_PROF(TP_NORM);
         if (c->n_experts > 0) {
             int rc = train_moe_forward(m, l, h2, x2, xn, e);
             if (rc)
@@ -1178,13 +1252,18 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
             par_copy(xn, x2, Nd);
             train_ffn_forward_segs(xn, m->fg + l * NI, m->fu + l * NI, m->fa + l * NI, h2, &s,
                                    1, d, I, 1.0f);
+            TRAIN_PROF(TP_EXPERT);
         }
     }
 
     /* final norm, lm_head, cross-entropy (sum here, mean over the global target count) */
     train_rmsnorm_forward(m->hf, m->rstdf, m->x + (size_t)L * Nd, m->w.norm, N, d,
                           c->rms_norm_eps);
-    tensor_matmul(m->logits, m->hf, m->w.lm_head, NULL, N, d, V);
+    if (N > 16)
+        mm_run(MM_Y, m->logits, m->hf, m->w.lm_head, N, d, V, 1.0f, 0.0f);
+    else
+        tensor_matmul(m->logits, m->hf, m->w.lm_head, NULL, N, d, V);
+    TRAIN_PROF(TP_LMHEAD);
     tensor_parallel_for(ceil_div(N, TOK_TASK), ce_task, &ta);
     double sums[2] = {0.0, 0.0}; /* CE sum, valid targets */
     for (int t = 0; t < N; t++)
@@ -1203,6 +1282,7 @@ int train_forward(train_model *m, const int32_t *tokens, const int32_t *targets,
     m->last_loss = lo;
     if (loss)
         *loss = lo;
+    TRAIN_PROF(TP_CE);
     return LOOM_OK;
 }
 
@@ -1222,10 +1302,13 @@ int train_backward(train_model *m, float scale, loom_err *e)
 
     /* d CE / d logits = (softmax - onehot) / n_targets: the forward left softmax - onehot */
     float inv = m->n_targets_global > 0 ? scale / (float)m->n_targets_global : 0.0f;
-    mm_run(MM_DW, m->g.lm_head, m->dlogits, m->hf, N, d, V, inv, 1.0f);
-    mm_run(MM_DX, m->dh, m->dlogits, m->w.lm_head, N, d, V, inv, 0.0f);
+    mm_op head[2] = {mm_make(MM_DW, m->g.lm_head, m->dlogits, m->hf, N, d, V, inv, 1.0f),
+                     mm_make(MM_DX, m->dh, m->dlogits, m->w.lm_head, N, d, V, inv, 0.0f)};
+    mm_list_run(head, 2);
+    TRAIN_PROF(TP_LMHEAD_B);
     rmsnorm_backward(m->dx, NULL, m->g.norm, m->dh, m->x + (size_t)L * Nd, m->rstdf, m->w.norm,
                      N, d);
+    TRAIN_PROF(TP_NORM_B);
 
     for (int l = L - 1; l >= 0; l--) {
         const train_layer_weights *w = &m->w.layers[l];
@@ -1245,27 +1328,40 @@ int train_backward(train_model *m, float scale, loom_err *e)
                                .g2 = g->w_down};
             train_ffn_backward_segs(m->dh, m->dx, h2, m->fg + l * NI, m->fu + l * NI,
                                     m->fa + l * NI, &s, 1, d, I, m->dfg, m->dfu, 0.0f);
+            TRAIN_PROF(TP_EXPERT_B);
         }
         rmsnorm_backward(m->dx2, m->dx, g->ln2, m->dh, x2, m->rstd2 + (size_t)l * N, w->ln2, N,
                          d);
+        TRAIN_PROF(TP_NORM_B);
         /* attention */
-        train_mm_dw(g->wo, m->dx2, ao, N, H * hd, d);
-        mm_run(MM_DX, m->dao, m->dx2, w->wo, N, H * hd, d, 1.0f, 0.0f);
+        mm_op o_bwd[2] = {mm_make(MM_DW, g->wo, m->dx2, ao, N, H * hd, d, 1.0f, 1.0f),
+                          mm_make(MM_DX, m->dao, m->dx2, w->wo, N, H * hd, d, 1.0f, 0.0f)};
+        mm_list_run(o_bwd, 2);
+        TRAIN_PROF(TP_OPROJ_B);
         attention_backward(m->dq, m->dk, m->dv, m->dao, P, q, k, v, B, T, H, Hkv, hd,
                            m->att_scratch, 0.0f);
+        TRAIN_PROF(TP_ATTN_B);
         rope_run(m, m->dq, H, -1);
         rope_run(m, m->dk, Hkv, -1);
-        train_mm_dw(g->wq, m->dq, h1, N, d, H * hd);
-        train_mm_dw(g->wk, m->dk, h1, N, d, Hkv * hd);
-        train_mm_dw(g->wv, m->dv, h1, N, d, Hkv * hd);
-        mm_run(MM_DX, m->dh, m->dq, w->wq, N, d, H * hd, 1.0f, 0.0f);
-        train_mm_dx(m->dh, m->dk, w->wk, N, d, Hkv * hd);
-        train_mm_dx(m->dh, m->dv, w->wv, N, d, Hkv * hd);
+        TRAIN_PROF(TP_ROPE_B);
+        /* dh = dq Wq + dk Wk + dv Wv, added in that order on each tile */
+        mm_op dh_v = mm_make(MM_DX, m->dh, m->dv, w->wv, N, d, Hkv * hd, 1.0f, 1.0f);
+        mm_op dh_k = mm_make(MM_DX, m->dh, m->dk, w->wk, N, d, Hkv * hd, 1.0f, 1.0f);
+        dh_k.then = &dh_v;
+        mm_op qkv_bwd[4] = {mm_make(MM_DW, g->wq, m->dq, h1, N, d, H * hd, 1.0f, 1.0f),
+                            mm_make(MM_DW, g->wk, m->dk, h1, N, d, Hkv * hd, 1.0f, 1.0f),
+                            mm_make(MM_DW, g->wv, m->dv, h1, N, d, Hkv * hd, 1.0f, 1.0f),
+                            mm_make(MM_DX, m->dh, m->dq, w->wq, N, d, H * hd, 1.0f, 0.0f)};
+        qkv_bwd[3].then = &dh_k;
+        mm_list_run(qkv_bwd, 4);
+        TRAIN_PROF(TP_QKV_B);
         rmsnorm_backward(m->dx, m->dx2, g->ln1, m->dh, x, m->rstd1 + (size_t)l * N, w->ln1, N,
                          d);
+        TRAIN_PROF(TP_NORM_B);
     }
     tok_args ta = {.m = m};
     tensor_parallel_for(ceil_div(d, COL_TASK), embed_backward_task, &ta);
+    TRAIN_PROF(TP_EMBED_B);
     return LOOM_OK;
 }
 

@@ -343,6 +343,7 @@ int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, f
     int rc = moe_router_forward(&ml->router, h2, m->tokens, N, m->training, &ml->rt, e);
     if (rc)
         return rc;
+    TRAIN_PROF(TP_ROUTER);
     moe_plan_config pc = {0};
     pc.capacity = m->cfg.capacity_factor > 0
                       ? moe_capacity(k, N, m->cfg.capacity_factor, E, 1)
@@ -350,6 +351,7 @@ int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, f
     pc.drop = MOE_DROP_BY_POSITION;
     if ((rc = moe_plan_build(&ml->plan, &pc, ml->rt.expert_idx, ml->rt.weight, N, e)))
         return rc;
+    TRAIN_PROF(TP_PLAN);
     const moe_plan *p = &ml->plan;
     rows_args ra = {.p = p, .weight = ml->rt.weight, .src = h2, .dst = ml->buf, .d = d};
     tensor_parallel_for(n_tok_tasks(p->n_rows), dispatch_task, &ra);
@@ -376,12 +378,15 @@ int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, f
     /* experts over their segments */
     train_ffn_seg seg[256]; /* R * El = E <= 256 */
     int n_seg = expert_segs(m, l, seg, false);
+    TRAIN_PROF(TP_DISPATCH);
     train_ffn_forward_segs(out, ml->rg, ml->ru, ml->ra, in, seg, n_seg, d, I, 0.0f);
+    TRAIN_PROF(TP_EXPERT);
     if (R > 1)
         train_dist_alltoallv_f32(m->dist, ml->rout, xp.rc, xp.rd, ml->out, xp.sc, xp.sd);
     ra = (rows_args){.p = p, .weight = ml->rt.weight, .src = ml->out, .src2 = x2, .dst = y,
                      .d = d};
     tensor_parallel_for(n_tok_tasks(N), combine_task, &ra);
+    TRAIN_PROF(TP_COMBINE);
 
     /* what the losses and the stats need */
     for (int x = 0; x < E; x++) {
@@ -432,6 +437,7 @@ int train_moe_forward(train_model *m, int l, const float *h2, const float *x2, f
     st->load_max = mx;
     st->load_mean = mean;
     st->load_cv = mean > 0 ? sqrt(var) / mean : 0;
+    TRAIN_PROF(TP_MOE_STATS);
     return LOOM_OK;
 }
 
@@ -641,12 +647,14 @@ int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, 
         exchange_plan(m, ml, d, &xp);
         train_dist_alltoallv_f32(m->dist, ml->buf, xp.sc, xp.sd, ml->rout, xp.rc, xp.rd);
     }
+    TRAIN_PROF(TP_COMBINE_B);
 
     /* experts: d_rin, then back to the plan side into buf */
     train_ffn_seg seg[256];
     int n_seg = expert_segs(m, l, seg, true);
     train_ffn_backward_segs(m->d_rin, ml->rout, R > 1 ? ml->rin : ml->buf, ml->rg, ml->ru, ml->ra,
                             seg, n_seg, d, I, m->eg_scratch, m->eu_scratch, 0.0f);
+    TRAIN_PROF(TP_EXPERT_B);
     float *d_buf = m->d_rin;
     if (R > 1) {
         train_dist_alltoallv_f32(m->dist, m->d_rin, xp.rc, xp.rd, ml->buf, xp.sc, xp.sd);
@@ -654,6 +662,7 @@ int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, 
     }
     ra = (rows_args){.p = p, .src = d_buf, .dst = dh2, .d = d};
     tensor_parallel_for(n_tok_tasks(N), dispatch_backward_task, &ra);
+    TRAIN_PROF(TP_DISPATCH_B);
 
     /* router: through the combine weights, the load-balancing and locality losses */
     float *ds = NULL;
@@ -667,15 +676,14 @@ int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, 
                               m->cfg.loc_coef / R * scale, LOC_FLOOR, ds);
     }
     (void)k;
-    if (ml->router.cfg.z_loss_coef > 0 && scale != 1.0f) {
-        /* the router's z-loss gradient is unscaled: scale its coefficient for this call */
-        float zc = ml->router.cfg.z_loss_coef;
+    /* the router's z-loss gradient is unscaled: scale its coefficient for this call */
+    float zc = ml->router.cfg.z_loss_coef;
+    if (zc > 0 && scale != 1.0f)
         ml->router.cfg.z_loss_coef = zc * scale;
-        int rc = router_backward(m, &ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
-        ml->router.cfg.z_loss_coef = zc;
-        return rc;
-    }
-    return router_backward(m, &ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
+    int rc = router_backward(m, &ml->router, h2, &ml->rt, m->d_weight, ds, dh2, e);
+    ml->router.cfg.z_loss_coef = zc;
+    TRAIN_PROF(TP_ROUTER_B);
+    return rc;
 }
 
 const train_layer_stat *train_model_layer_stats(const train_model *m, int l)

@@ -140,4 +140,23 @@ void train_moe_losses(train_model *m, train_loss *lo);
 int train_moe_backward(train_model *m, int l, const float *h2, const float *dy, float *dh2,
                        float scale, loom_err *e);
 
+/*
+ * LOOM_TRAIN_PROFILE=1 (loop.c): wall time and pool jobs of each phase of train_step, the mean
+ * per step (the first step, a warm-up, left out) printed to stderr at exit. TRAIN_PROF(ph)
+ * charges the time since the previous mark to phase ph; off, it costs one branch.
+ */
+enum {
+    TP_ZERO, TP_DATA, TP_EMBED, TP_NORM, TP_QKV, TP_ROPE, TP_ATTN, TP_OPROJ, TP_ROUTER, TP_PLAN,
+    TP_DISPATCH, TP_EXPERT, TP_COMBINE, TP_MOE_STATS, TP_LMHEAD, TP_CE,
+    TP_LMHEAD_B, TP_NORM_B, TP_COMBINE_B, TP_EXPERT_B, TP_DISPATCH_B, TP_ROUTER_B, TP_OPROJ_B,
+    TP_ATTN_B, TP_ROPE_B, TP_QKV_B, TP_EMBED_B, TP_OPT, TP_N
+};
+extern bool train_prof_enabled;
+void train_prof_mark(int phase);
+#define TRAIN_PROF(ph)                                                                             \
+    do {                                                                                           \
+        if (train_prof_enabled)                                                                    \
+            train_prof_mark(ph);                                                                   \
+    } while (0)
+
 #endif
