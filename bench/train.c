@@ -14,6 +14,7 @@
  * given (throughput barely depends on the text; routing balance a little).
  */
 #include "loom/base.h"
+#include "loom/blas_cpu.h"
 #include "loom/model.h"
 #include "loom/tensor.h"
 #include "loom/tokenizer.h"
@@ -262,6 +263,7 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    tensor_blas_check_cpu(argv);
     bench_opts o = {.batch = 16, .seq_len = 128, .steps = 8, .warmup = 2,
                     .layers = 4, .hidden = 192, .heads = 6, .kv_heads = 2, .inter = 384,
                     .experts = 8, .top_k = 2, .vocab = 2048,

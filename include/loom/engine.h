@@ -162,6 +162,9 @@ int32_t sampling_argmax_ref(const float *logits, int n_vocab); /* naive loop: th
  */
 int32_t sampling_sample(float *logits, int n_vocab, const sampling_params *p, loom_rng *rng,
                         int32_t *work);
+/* sampling_sample under p is the argmax (temperature below 1e-5, or top_k 1), which reads the
+ * logits without changing them. */
+bool sampling_is_greedy(const sampling_params *p);
 /*
  * log_softmax of the RAW logits (before temperature, top_k/top_p and the min_tokens EOS mask;
  * vLLM's "raw_logprobs"): returns the logprob of token and writes the n_top most likely tokens

@@ -637,14 +637,20 @@ static bool process_token(engine *en, request *r, const float *row)
     const sampling_params *p = &r->params;
     int V = en->n_vocab;
 
-    memcpy(en->sample_row, row, (size_t)V * sizeof(float));
-    if (n_output(r) < p->min_tokens) {
-        for (int i = 0; i < en->n_eos; i++)
-            if (en->eos[i] < V)
-                en->sample_row[en->eos[i]] = -INFINITY;
-    }
     loom_rng *rng = r->seeded ? &r->rng : &en->rng;
-    int32_t token = sampling_sample(en->sample_row, V, p, rng, en->sample_work);
+    int32_t token;
+    bool mask_eos = n_output(r) < p->min_tokens && en->n_eos > 0;
+    if (!mask_eos && sampling_is_greedy(p)) {
+        token = sampling_argmax(row, V); /* greedy reads the row in place: no copy per token */
+    } else {
+        memcpy(en->sample_row, row, (size_t)V * sizeof(float));
+        if (mask_eos) {
+            for (int i = 0; i < en->n_eos; i++)
+                if (en->eos[i] < V)
+                    en->sample_row[en->eos[i]] = -INFINITY;
+        }
+        token = sampling_sample(en->sample_row, V, p, rng, en->sample_work);
+    }
 
     r->tokens[r->n_tokens++] = token;
     en->generation_tokens_total++;

@@ -140,6 +140,11 @@ int32_t sampling_argmax(const float *logits, int n_vocab)
     return sampling_argmax_ref(logits, n_vocab);
 }
 
+bool sampling_is_greedy(const sampling_params *p)
+{
+    return p->temperature < SAMPLING_EPS || p->top_k == 1;
+}
+
 int32_t sampling_sample(float *logits, int n_vocab, const sampling_params *p, loom_rng *rng,
                         int32_t *work)
 {
