@@ -638,11 +638,17 @@ static bool process_token(engine *en, request *r, const float *row)
     int V = en->n_vocab;
 
     loom_rng *rng = r->seeded ? &r->rng : &en->rng;
-    int32_t token;
+    int32_t token = -1;
     bool mask_eos = n_output(r) < p->min_tokens && en->n_eos > 0;
-    if (!mask_eos && sampling_is_greedy(p)) {
-        token = sampling_argmax(row, V); /* greedy reads the row in place: no copy per token */
-    } else {
+    if (sampling_is_greedy(p)) {
+        /* greedy reads the row in place, no copy per token; under the min_tokens mask the
+         * unmasked argmax stands unless it is an EOS id (the lowest-id maximum stays the
+         * lowest-id maximum once other tokens are masked) */
+        token = sampling_argmax(row, V);
+        if (mask_eos && is_eos(en, token))
+            token = -1;
+    }
+    if (token < 0) {
         memcpy(en->sample_row, row, (size_t)V * sizeof(float));
         if (mask_eos) {
             for (int i = 0; i < en->n_eos; i++)

@@ -100,7 +100,7 @@ int32_t sampling_argmax_ref(const float *logits, int n_vocab)
  * Greedy decoding calls this once per sequence per step over the whole vocabulary, so it is on
  * the hot path of every instance (and the main host cost of emulated ones). Two passes: the
  * maximum with SSE (baseline x86-64, four independent lanes x4 accumulators), then the first
- * index holding it. A NaN anywhere makes the SSE maximum order-dependent, so that case (never
+ * index holding it (SSE compares, 16 at a time). A NaN anywhere makes the SSE maximum order-dependent, so that case (never
  * seen with finite logits) falls back to the reference loop, which is the definition.
  */
 int32_t sampling_argmax(const float *logits, int n_vocab)
@@ -132,7 +132,17 @@ int32_t sampling_argmax(const float *logits, int n_vocab)
                 return sampling_argmax_ref(logits, n_vocab);
             max = logits[i] > max ? logits[i] : max;
         }
-        for (int32_t j = 0; j < n_vocab; j++)
+        __m128 mv = _mm_set1_ps(max);
+        int32_t j = 0;
+        for (; j + 16 <= n_vocab; j += 16) {
+            int hit = _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(logits + j), mv)) |
+                      _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(logits + j + 4), mv)) << 4 |
+                      _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(logits + j + 8), mv)) << 8 |
+                      _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(logits + j + 12), mv)) << 12;
+            if (hit)
+                return j + __builtin_ctz((unsigned)hit);
+        }
+        for (; j < n_vocab; j++)
             if (logits[j] == max)
                 return j;
     }
