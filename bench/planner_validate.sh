@@ -32,7 +32,9 @@ UTILS=${UTILS:-"0.07 0.085"}
 THREADS_BIG=${THREADS_BIG:-2}
 THREADS_SMALL=${THREADS_SMALL:-1}
 PROFILE=${PROFILE:-url}
-MAX_BATCH=${MAX_BATCH:-32}
+# the decode grid must reach the batches the plans will use (72 and 104 for 1 x 2 threads here):
+# fitted on batches <= 32 the CPU decode slope is too steep beyond them (predictions 11-24% low)
+MAX_BATCH=${MAX_BATCH:-128}
 PROFILE_FLAGS=${PROFILE_FLAGS:-"--max-batch $MAX_BATCH --max-context $((IN + OUT)) --max-prompt $((4 * IN)) --repeat 5"}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/loom-planval.XXXXXX")
 PIDS=()
