@@ -565,17 +565,25 @@ static int run_http(const profile_opts *o, const grid_cell *cells, int n_cells,
                     cap += (size_t)res->records[j].n_itl;
                 double *gaps = xmalloc(sizeof(double) * (cap + 1));
                 int ng = 0;
+                /* one figure per request: the mean of its gaps in the window. Chunks that
+                 * reach the client in one read carry gaps of 0 and the next gap spans several
+                 * steps, so single gaps (and their median) misstate a fast server's step; their
+                 * mean over a stretch does not */
                 for (size_t j = 0; j < res->n_records; j++) {
                     const bench_record *rec = &res->records[j];
-                    double at = rec->first_token_s;
+                    double at = rec->first_token_s, sum = 0;
+                    int cnt = 0;
                     for (int g = 0; g < rec->n_itl; g++) {
                         at += rec->itl[g];
                         if (at - rec->itl[g] >= all_in && at <= first_end) {
-                            gaps[ng++] = rec->itl[g];
+                            sum += rec->itl[g];
+                            cnt++;
                             ctx_sum += ctx + g; /* token g + 1 was the input */
                             ctx_n++;
                         }
                     }
+                    if (cnt > 0 && sum > 0)
+                        gaps[ng++] = sum / cnt;
                 }
                 if (ng > 0)
                     t[got++] = median(gaps, ng);
