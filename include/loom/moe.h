@@ -134,6 +134,11 @@ int moe_router_forward(moe_router *r, const float *x, const int32_t *token_ids, 
  */
 int moe_router_backward(moe_router *r, const float *x, const moe_routing *rt,
                         const float *d_weight, const float *d_scores, float *d_x, loom_err *e);
+/* moe_router_backward's first part for token t alone: dLoss/d router logits into dl (E), through
+ * the slot weights, the score function, the z-loss and LocMoE's ReLU; ds (E) is scratch. For
+ * callers that split the tokens over threads (src/train/moe.c). */
+void moe_router_token_dlogits(const moe_router *r, const moe_routing *rt, int t,
+                              const float *d_weight, const float *d_scores, double *ds, double *dl);
 
 /* DeepSeek-V3 aux-loss-free balancing: b_e += bias_rate * sign(mean(load) - load_e). */
 void moe_router_update_balance_bias(moe_router *r, const int32_t *load);

@@ -588,13 +588,80 @@ int moe_router_forward(moe_router *r, const float *x, const int32_t *token_ids, 
 
 /* ------------------------------------------------------------------ backward */
 
+void moe_router_token_dlogits(const moe_router *r, const moe_routing *rt, int t,
+                              const float *d_weight, const float *d_scores, double *ds, double *dl)
+{
+    const moe_router_config *c = &r->cfg;
+    int T = rt->T, E = c->n_experts, k = rt->k;
+    const double scale = c->route_scale;
+    const float *st = rt->scores + (size_t)t * E;
+    const float *lt = rt->logits + (size_t)t * E;
+    const int32_t *idx = rt->expert_idx + (size_t)t * k;
+    const float *wt = rt->weight + (size_t)t * k;
+    for (int i = 0; i < E; i++)
+        ds[i] = d_scores ? d_scores[(size_t)t * E + i] : 0.0;
+
+    /* Through the slot weights w_j = scale * s_j (/ S, S = sum of chosen s, when
+     * renormalised): dL/ds_i = (scale * dw_i - sum_j dw_j w_j) / S for a chosen i. */
+    if (d_weight) {
+        const float *dw = d_weight + (size_t)t * k;
+        if (c->renormalize) {
+            double S = 0.0, dot = 0.0;
+            for (int j = 0; j < k; j++)
+                if (idx[j] >= 0) {
+                    S += st[idx[j]];
+                    dot += (double)dw[j] * wt[j];
+                }
+            if (S > 0)
+                for (int j = 0; j < k; j++)
+                    if (idx[j] >= 0)
+                        ds[idx[j]] += (scale * dw[j] - dot) / S;
+        } else {
+            for (int j = 0; j < k; j++)
+                if (idx[j] >= 0)
+                    ds[idx[j]] += scale * dw[j];
+        }
+    }
+
+    /* Through the score function. */
+    if (c->score == MOE_SCORE_SOFTMAX) {
+        double dot = 0.0;
+        for (int i = 0; i < E; i++)
+            dot += ds[i] * st[i];
+        for (int i = 0; i < E; i++)
+            dl[i] = st[i] * (ds[i] - dot);
+    } else {
+        for (int i = 0; i < E; i++)
+            dl[i] = ds[i] * st[i] * (1.0 - st[i]);
+    }
+
+    /* ST-MoE z-loss: coef/T * lse^2 per token, d/dl_i = 2 coef/T * lse * softmax(l)_i. */
+    if (c->z_loss_coef > 0 && T > 0) {
+        double m = lt[0];
+        for (int i = 1; i < E; i++)
+            m = lt[i] > m ? lt[i] : m;
+        double z = 0.0;
+        for (int i = 0; i < E; i++)
+            z += exp(lt[i] - m);
+        double lse = m + log(z), g = 2.0 * c->z_loss_coef / T * lse;
+        for (int i = 0; i < E; i++)
+            dl[i] += g * exp(lt[i] - m) / z;
+    }
+
+    /* Through the ReLU of LocMoE eq. 2 (subgradient 0 at 0). */
+    if (c->gate_relu)
+        for (int i = 0; i < E; i++)
+            if (!(rt->pre_relu[(size_t)t * E + i] > 0.0f))
+                dl[i] = 0.0;
+}
+
 int moe_router_backward(moe_router *r, const float *x, const moe_routing *rt, const float *d_weight,
                         const float *d_scores, float *d_x, loom_err *e)
 {
     const moe_router_config *c = &r->cfg;
     if (c->kind == MOE_ROUTER_HASH)
         return LOOM_OK; /* no parameters, and the table does not depend on x */
-    int T = rt->T, E = c->n_experts, d = c->d, k = rt->k;
+    int T = rt->T, E = c->n_experts, d = c->d;
     double *ds = malloc((size_t)E * sizeof(double));
     double *dl = malloc((size_t)E * sizeof(double));
     double *dgin = malloc((size_t)d * sizeof(double));
@@ -611,68 +678,8 @@ int moe_router_backward(moe_router *r, const float *x, const moe_routing *rt, co
         return loom_errf(e, LOOM_ENOMEM, "moe router: out of memory (backward)");
     }
     const float *gin = rt->jittered ? rt->gate_in : x;
-    const double scale = c->route_scale;
     for (int t = 0; t < T; t++) {
-        const float *st = rt->scores + (size_t)t * E;
-        const float *lt = rt->logits + (size_t)t * E;
-        const int32_t *idx = rt->expert_idx + (size_t)t * k;
-        const float *wt = rt->weight + (size_t)t * k;
-        for (int i = 0; i < E; i++)
-            ds[i] = d_scores ? d_scores[(size_t)t * E + i] : 0.0;
-
-        /* Through the slot weights w_j = scale * s_j (/ S, S = sum of chosen s, when
-         * renormalised): dL/ds_i = (scale * dw_i - sum_j dw_j w_j) / S for a chosen i. */
-        if (d_weight) {
-            const float *dw = d_weight + (size_t)t * k;
-            if (c->renormalize) {
-                double S = 0.0, dot = 0.0;
-                for (int j = 0; j < k; j++)
-                    if (idx[j] >= 0) {
-                        S += st[idx[j]];
-                        dot += (double)dw[j] * wt[j];
-                    }
-                if (S > 0)
-                    for (int j = 0; j < k; j++)
-                        if (idx[j] >= 0)
-                            ds[idx[j]] += (scale * dw[j] - dot) / S;
-            } else {
-                for (int j = 0; j < k; j++)
-                    if (idx[j] >= 0)
-                        ds[idx[j]] += scale * dw[j];
-            }
-        }
-
-        /* Through the score function. */
-        if (c->score == MOE_SCORE_SOFTMAX) {
-            double dot = 0.0;
-            for (int i = 0; i < E; i++)
-                dot += ds[i] * st[i];
-            for (int i = 0; i < E; i++)
-                dl[i] = st[i] * (ds[i] - dot);
-        } else {
-            for (int i = 0; i < E; i++)
-                dl[i] = ds[i] * st[i] * (1.0 - st[i]);
-        }
-
-        /* ST-MoE z-loss: coef/T * lse^2 per token, d/dl_i = 2 coef/T * lse * softmax(l)_i. */
-        if (c->z_loss_coef > 0 && T > 0) {
-            double m = lt[0];
-            for (int i = 1; i < E; i++)
-                m = lt[i] > m ? lt[i] : m;
-            double z = 0.0;
-            for (int i = 0; i < E; i++)
-                z += exp(lt[i] - m);
-            double lse = m + log(z), g = 2.0 * c->z_loss_coef / T * lse;
-            for (int i = 0; i < E; i++)
-                dl[i] += g * exp(lt[i] - m) / z;
-        }
-
-        /* Through the ReLU of LocMoE eq. 2 (subgradient 0 at 0). */
-        if (c->gate_relu)
-            for (int i = 0; i < E; i++)
-                if (!(rt->pre_relu[(size_t)t * E + i] > 0.0f))
-                    dl[i] = 0.0;
-
+        moe_router_token_dlogits(r, rt, t, d_weight, d_scores, ds, dl);
         for (int i = 0; i < E; i++)
             gb[i] += dl[i];
 

@@ -501,63 +501,12 @@ typedef struct rb_args {
 SIMD_CLONES static void router_token_task(void *arg, int task, int tid)
 {
     const rb_args *a = arg;
-    const moe_router_config *c = &a->r->cfg;
     const moe_routing *rt = a->rt;
-    int T = rt->T, E = a->E, d = a->d, k = a->k;
+    int T = rt->T, E = a->E, d = a->d;
     double ds[256], *dgin = a->dgin + (size_t)tid * d;
-    const double scale = c->route_scale;
     for (int t = task * TOK, t1 = t + TOK < T ? t + TOK : T; t < t1; t++) {
-        const float *st = rt->scores + (size_t)t * E;
-        const float *lt = rt->logits + (size_t)t * E;
-        const int32_t *idx = rt->expert_idx + (size_t)t * k;
-        const float *wt = rt->weight + (size_t)t * k;
         double *dl = a->dl + (size_t)t * E;
-        for (int i = 0; i < E; i++)
-            ds[i] = a->d_scores ? a->d_scores[(size_t)t * E + i] : 0.0;
-        if (a->d_weight) {
-            const float *dw = a->d_weight + (size_t)t * k;
-            if (c->renormalize) {
-                double S = 0.0, dot = 0.0;
-                for (int j = 0; j < k; j++)
-                    if (idx[j] >= 0) {
-                        S += st[idx[j]];
-                        dot += (double)dw[j] * wt[j];
-                    }
-                if (S > 0)
-                    for (int j = 0; j < k; j++)
-                        if (idx[j] >= 0)
-                            ds[idx[j]] += (scale * dw[j] - dot) / S;
-            } else {
-                for (int j = 0; j < k; j++)
-                    if (idx[j] >= 0)
-                        ds[idx[j]] += scale * dw[j];
-            }
-        }
-        if (c->score == MOE_SCORE_SOFTMAX) {
-            double dot = 0.0;
-            for (int i = 0; i < E; i++)
-                dot += ds[i] * st[i];
-            for (int i = 0; i < E; i++)
-                dl[i] = st[i] * (ds[i] - dot);
-        } else {
-            for (int i = 0; i < E; i++)
-                dl[i] = ds[i] * st[i] * (1.0 - st[i]);
-        }
-        if (c->z_loss_coef > 0 && T > 0) {
-            double m = lt[0];
-            for (int i = 1; i < E; i++)
-                m = lt[i] > m ? lt[i] : m;
-            double z = 0.0;
-            for (int i = 0; i < E; i++)
-                z += exp(lt[i] - m);
-            double lse = m + log(z), g = 2.0 * c->z_loss_coef / T * lse;
-            for (int i = 0; i < E; i++)
-                dl[i] += g * exp(lt[i] - m) / z;
-        }
-        if (c->gate_relu)
-            for (int i = 0; i < E; i++)
-                if (!(rt->pre_relu[(size_t)t * E + i] > 0.0f))
-                    dl[i] = 0.0;
+        moe_router_token_dlogits(a->r, rt, t, a->d_weight, a->d_scores, ds, dl);
         if (!a->d_x)
             continue;
         for (int j = 0; j < d; j++)
