@@ -1,6 +1,8 @@
 /* Argument helpers shared by the subcommands. */
 #include "cli.h"
 
+#include "loom/policy.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -89,4 +91,15 @@ int cli_usage_error(const char *cmd, const char *fmt, ...)
     fprintf(stderr, "\nRun 'loom %s --help' for the options.\n", cmd);
     va_end(ap);
     return CLI_EXIT_USAGE;
+}
+
+bool cli_policy_known(const char *cmd, const char *name)
+{
+    if (policy_find(name))
+        return true;
+    fprintf(stderr, "loom %s: unknown policy '%s'; one of:", cmd, name);
+    for (int i = 0; i < policy_count(); i++)
+        fprintf(stderr, " %s", policy_at(i)->name);
+    fprintf(stderr, "\n");
+    return false;
 }

@@ -35,6 +35,8 @@ bool cli_parse_bytes(const char *s, uint64_t *out);
 /* "loom CMD: <message>" and "Run 'loom CMD --help' for the options." on stderr; returns
  * CLI_EXIT_USAGE. */
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* true when name is a dispatch policy; else says which are, on stderr, as "loom CMD: ...". */
+bool cli_policy_known(const char *cmd, const char *name);
 /* "1.5 GiB" style, for messages. */
 void cli_format_bytes(uint64_t n, char *out, int cap);
 

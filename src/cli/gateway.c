@@ -277,13 +277,8 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
         switch (ch) {
         case OPT_POLICY:
             c->policy = a;
-            if (!policy_find(a)) {
-                fprintf(stderr, "loom gateway: unknown policy '%s'; one of:", a);
-                for (int i = 0; i < policy_count(); i++)
-                    fprintf(stderr, " %s", policy_at(i)->name);
-                fprintf(stderr, "\n");
+            if (!cli_policy_known("gateway", a))
                 return CLI_EXIT_USAGE;
-            }
             break;
         case OPT_HOST:
             c->host = a;

@@ -208,13 +208,8 @@ static int parse_opts(int argc, char **argv, up_opts *o, bool *help)
             break;
         case OPT_POLICY:
             o->policy = a;
-            if (!policy_find(a)) {
-                fprintf(stderr, "loom up: unknown policy '%s'; one of:", a);
-                for (int i = 0; i < policy_count(); i++)
-                    fprintf(stderr, " %s", policy_at(i)->name);
-                fprintf(stderr, "\n");
+            if (!cli_policy_known("up", a))
                 return CLI_EXIT_USAGE;
-            }
             break;
         case OPT_HOST:
             o->host = a;
