@@ -4,6 +4,7 @@
  * and gives the trainer's logits; bad input fails with a message.
  */
 #include "testlib.h"
+#include "train_testlib.h"
 
 #include "loom/model.h"
 #include "loom/train.h"
@@ -35,18 +36,7 @@ static void small_config(train_config *c, int n_experts)
 
 static void synthetic_data(train_data *d)
 {
-    memset(d, 0, sizeof(*d));
-    d->n_tokens = 4000;
-    d->n_train = 3600;
-    d->tokens = malloc(sizeof(int32_t) * d->n_tokens);
-    loom_rng r;
-    rng_seed(&r, 3);
-    /* a learnable stream: mostly t+1 mod V, sometimes random */
-    int32_t x = 0;
-    for (int64_t i = 0; i < d->n_tokens; i++) {
-        x = rng_uniform(&r) < 0.8 ? (x + 1) % V : (int32_t)(rng_next(&r) % V);
-        d->tokens[i] = x;
-    }
+    train_test_stream(d, 4000, V, 1, 3);
 }
 
 static train_model *make_model(int n_experts)

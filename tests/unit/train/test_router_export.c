@@ -6,6 +6,7 @@
  * again. Expert choice refuses to load with a reason.
  */
 #include "testlib.h"
+#include "train_testlib.h"
 
 #include "loom/model.h"
 #include "loom/tensor.h"
@@ -42,17 +43,7 @@ static void small_config(train_config *c, const char *router)
 
 static void synthetic_data(train_data *d)
 {
-    memset(d, 0, sizeof(*d));
-    d->n_tokens = 3000;
-    d->n_train = 2700;
-    d->tokens = malloc(sizeof(int32_t) * d->n_tokens);
-    loom_rng r;
-    rng_seed(&r, 7);
-    int32_t x = 0;
-    for (int64_t i = 0; i < d->n_tokens; i++) {
-        x = rng_uniform(&r) < 0.8 ? (x + 3) % V : (int32_t)(rng_next(&r) % V);
-        d->tokens[i] = x;
-    }
+    train_test_stream(d, 3000, V, 3, 7);
 }
 
 static char *tmpdir(void)

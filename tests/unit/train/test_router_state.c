@@ -7,6 +7,7 @@
  * router state shows that the state matters (its losses differ).
  */
 #include "testlib.h"
+#include "train_testlib.h"
 
 #include "../../../src/train/router_state.h"
 #include "../../../src/train/train_internal.h"
@@ -55,17 +56,7 @@ static train_model *make_model(const router_case *rc, uint64_t seed)
 
 static void synthetic_data(train_data *d)
 {
-    memset(d, 0, sizeof(*d));
-    d->n_tokens = 4000;
-    d->n_train = 3600;
-    d->tokens = malloc(sizeof(int32_t) * d->n_tokens);
-    loom_rng r;
-    rng_seed(&r, 3);
-    int32_t x = 0;
-    for (int64_t i = 0; i < d->n_tokens; i++) {
-        x = rng_uniform(&r) < 0.8 ? (x + 1) % V : (int32_t)(rng_next(&r) % V);
-        d->tokens[i] = x;
-    }
+    train_test_stream(d, 4000, V, 1, 3);
 }
 
 static void run_steps(train_model *m, train_adamw *o, const train_data *d,
