@@ -72,9 +72,13 @@ void tensor_blas_check_cpu(char **argv)
 {
     if (getenv("OPENBLAS_CORETYPE"))
         return; /* the user's choice, or our own re-exec */
-    char *flags = cpuinfo_flags();
-    const char *core = tensor_blas_better_core(openblas_get_corename(), flags);
-    free(flags);
+    /* /proc/cpuinfo only when OpenBLAS's choice is a generic one (most starts never read it) */
+    const char *core = tensor_blas_better_core(openblas_get_corename(), "avx2 fma");
+    if (core) {
+        char *flags = cpuinfo_flags();
+        core = tensor_blas_better_core(openblas_get_corename(), flags);
+        free(flags);
+    }
     if (!core)
         return;
     LOG_INFO("OpenBLAS chose its %s kernels on a CPU with %s; restarting with "
