@@ -562,6 +562,10 @@ typedef struct ffn_args {
     int n_seg, d, I;
     int *task0, *piece; /* (n_seg + 1) first row task of each segment; (n_seg) rows per task */
     int blocks;         /* row blocks of each weight gradient */
+    /* Segments that share gradients (one expert's rows from several source ranks) are summed by
+     * one task, in segment order: lead[0..n_lead) the first segment of each gradient target,
+     * next[s] the following segment with s's target (-1: none). */
+    int *lead, *next, n_lead;
     float *y, *g, *u, *a, *dx, *dg, *du;
     const float *x, *dy;
     float beta; /* of y (forward), of dx (backward) */
@@ -584,8 +588,27 @@ static void ffn_plan(ffn_args *f)
         f->piece[s] = k ? ceil_div(n, k) : 0;
         f->task0[s + 1] = f->task0[s] + k;
     }
-    int b = ceil_div(4 * nth, 3 * f->n_seg);
+    f->lead = xmalloc((size_t)(2 * f->n_seg + 1) * sizeof(int));
+    f->next = f->lead + f->n_seg;
+    f->n_lead = 0;
+    for (int s = 0; s < f->n_seg; s++) {
+        f->next[s] = -1;
+        int p = s - 1;
+        while (p >= 0 && f->seg[p].g2 != f->seg[s].g2)
+            p--;
+        if (p < 0 || !f->seg[s].g2)
+            f->lead[f->n_lead++] = s;
+        else
+            f->next[p] = s;
+    }
+    int b = ceil_div(4 * nth, 3 * (f->n_lead > 0 ? f->n_lead : 1));
     f->blocks = b < 1 ? 1 : b;
+}
+
+static void ffn_plan_free(ffn_args *f)
+{
+    free(f->task0);
+    free(f->lead);
 }
 
 /* Segment, first row and row count of row task i. */
@@ -632,13 +655,13 @@ void train_ffn_forward_segs(float *y, float *g, float *u, float *a, const float 
                   .x = x, .beta = beta};
     ffn_plan(&f);
     tensor_parallel_for(f.task0[n_seg], ffn_forward_task, &f);
-    free(f.task0);
+    ffn_plan_free(&f);
 }
 
 static void ffn_backward_task1(void *arg, int i, int tid)
 {
     const ffn_args *f = arg;
-    int d = f->d, I = f->I, n_w = f->n_seg * f->blocks; /* dW2 blocks first: the long tasks */
+    int d = f->d, I = f->I, n_w = f->n_lead * f->blocks; /* dW2 blocks first: the long tasks */
     if (i >= n_w) {
         int r, n;
         i -= n_w;
@@ -655,26 +678,33 @@ static void ffn_backward_task1(void *arg, int i, int tid)
                     1.0f, dx, d);
         return;
     }
-    const train_ffn_seg *s = &f->seg[i / f->blocks];
     int j0, m = ffn_block(f, d, i % f->blocks, &j0);
-    if (s->n <= 0 || m <= 0)
+    if (m <= 0)
         return;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, I, s->n, 1.0f,
-                f->dy + (size_t)s->r0 * d + j0, d, f->a + (size_t)s->r0 * I, I, 1.0f,
-                s->g2 + (size_t)j0 * I, I);
+    for (int q = f->lead[i / f->blocks]; q >= 0; q = f->next[q]) {
+        const train_ffn_seg *s = &f->seg[q];
+        if (s->n > 0)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, I, s->n, 1.0f,
+                        f->dy + (size_t)s->r0 * d + j0, d, f->a + (size_t)s->r0 * I, I, 1.0f,
+                        s->g2 + (size_t)j0 * I, I);
+    }
 }
 
 static void ffn_backward_task2(void *arg, int i, int tid)
 {
     const ffn_args *f = arg;
     int d = f->d, I = f->I;
-    const train_ffn_seg *s = &f->seg[i / (2 * f->blocks)];
     int which = i / f->blocks % 2, i0, m = ffn_block(f, I, i % f->blocks, &i0);
-    if (s->n <= 0 || m <= 0)
+    if (m <= 0)
         return;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, d, s->n, 1.0f,
-                (which ? f->du : f->dg) + (size_t)s->r0 * I + i0, I, f->x + (size_t)s->r0 * d,
-                d, 1.0f, (which ? s->g3 : s->g1) + (size_t)i0 * d, d);
+    for (int q = f->lead[i / (2 * f->blocks)]; q >= 0; q = f->next[q]) {
+        const train_ffn_seg *s = &f->seg[q];
+        if (s->n > 0)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, d, s->n, 1.0f,
+                        (which ? f->du : f->dg) + (size_t)s->r0 * I + i0, I,
+                        f->x + (size_t)s->r0 * d, d, 1.0f,
+                        (which ? s->g3 : s->g1) + (size_t)i0 * d, d);
+    }
 }
 
 void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const float *g,
@@ -686,9 +716,9 @@ void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const f
                   .beta = beta};
     ffn_plan(&f);
     int n_rows = f.task0[n_seg];
-    tensor_parallel_for(n_rows + n_seg * f.blocks, ffn_backward_task1, &f);
-    tensor_parallel_for(n_seg * 2 * f.blocks, ffn_backward_task2, &f);
-    free(f.task0);
+    tensor_parallel_for(n_rows + f.n_lead * f.blocks, ffn_backward_task1, &f);
+    tensor_parallel_for(f.n_lead * 2 * f.blocks, ffn_backward_task2, &f);
+    ffn_plan_free(&f);
 }
 
 /* The dense FFN over n rows: one segment. */

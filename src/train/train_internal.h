@@ -113,7 +113,8 @@ typedef struct train_ffn_seg {
 /* y (rows, d) = beta y + ffn(x), each segment with its weights, g, u, a (rows, I) kept. */
 void train_ffn_forward_segs(float *y, float *g, float *u, float *a, const float *x,
                             const train_ffn_seg *seg, int n_seg, int d, int I, float beta);
-/* dx (rows, d) = beta dx + d ffn / dx; every segment's g1, g3, g2 += its weight gradients;
+/* dx (rows, d) = beta dx + d ffn / dx; every segment's g1, g3, g2 += its weight gradients
+ * (segments may share gradients: they are summed in segment order, never concurrently);
  * dg, du (rows, I) scratch. */
 void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const float *g,
                              const float *u, const float *a, const train_ffn_seg *seg, int n_seg,
