@@ -6,6 +6,8 @@
 #
 #   bench/hetero.sh                       # both clusters; LOOM_BIN=build/loom by default
 #   CLUSTERS=pair N=48 ROUNDS=3 bench/hetero.sh
+#   PAIR_POLICIES="capacity_aware capacity_aware:--no-hold-beyond-batch round_robin" bench/hetero.sh
+#       (a policy may carry gateway flags after a colon; the first is the one compared)
 #
 # Clusters: "pair", an emulated H100-80G and an emulated V100-32G (decode rates 3.40x apart at
 # the batch used), and "four", one machine each of H100-80G, A100-40G, 2x L4, 2x T4 (loom plan
@@ -110,8 +112,12 @@ run_cluster() {
     done <"$WORK/inst-$name"
     echo
     local urls=() labels=() gpids=() p
+    # GATEWAY_FLAGS: extra flags for every gateway (e.g. --no-hold-beyond-batch)
     for p in "${policies[@]}"; do
-        "$LOOM" gateway --policy "$p" --plan "$plan" "${ups[@]}" --host 127.0.0.1 --port 0 \
+        # a policy may carry gateway flags after a colon: capacity_aware:--no-hold-beyond-batch
+        local pflags=""
+        [[ $p == *:* ]] && pflags=${p#*:}
+        "$LOOM" gateway --policy "${p%%:*}" $pflags --plan "$plan" "${ups[@]}" ${GATEWAY_FLAGS:-} --host 127.0.0.1 --port 0 \
             --health-interval 1 >"$WORK/gw-$name-$p.log" 2>&1 &
         PIDS+=($!)
         gpids+=($!)
@@ -187,8 +193,8 @@ run_cluster() {
 
 for c in $CLUSTERS; do
     case $c in
-    pair) run_cluster pair capacity_aware round_robin ;;
-    four) run_cluster four capacity_aware round_robin least_requests weighted_round_robin ;;
+    pair) run_cluster pair ${PAIR_POLICIES:-capacity_aware round_robin} ;;
+    four) run_cluster four ${FOUR_POLICIES:-capacity_aware round_robin least_requests weighted_round_robin} ;;
     *) die "unknown cluster $c (pair, four)" ;;
     esac
 done

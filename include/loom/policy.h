@@ -59,6 +59,10 @@ typedef struct policy_config {
      * aggregate rate holds at any occupancy (no waves); 1: a sequence decodes at
      * decode_rate / max_batch however few run. (0.5) */
     double decode_step_fixed;
+    /* capacity_aware, instances with a known max_batch: an instance with max_batch requests
+     * outstanding takes no more; the gateway holds the rest and places each when a slot frees,
+     * with what it knows then (true) */
+    bool hold_beyond_batch;
 } policy_config;
 
 void policy_config_default(policy_config *c);
@@ -135,6 +139,7 @@ typedef struct policy_ticket {
     double produced;      /* output tokens seen so far */
     double dispatched_at; /* now at policy_dispatch */
     double service_start; /* the instance's service_clock at policy_dispatch */
+    int slot;             /* its entry in the policy's table of outstanding work (-1: none) */
     bool active;          /* charged and not yet completed */
 } policy_ticket;
 
@@ -186,6 +191,14 @@ int policy_create(const char *name, const policy_config *cfg, policy **out, loom
 void policy_free(policy *p);
 const char *policy_name(const policy *p);
 const policy_config *policy_get_config(const policy *p);
+
+/*
+ * The work the caller holds back (queued requests' prompt tokens and expected output, the one
+ * being placed included), for capacity_aware's projection of when the cluster drains: a slower
+ * instance with a free slot takes a request it finishes before then rather than leave it to
+ * wait for a faster, full one. Stays until set again (0 at creation).
+ */
+void policy_set_backlog(policy *p, double prefill_tokens, double decode_tokens);
 
 /*
  * The instance for req: an index in [0, n), POLICY_QUEUE or POLICY_UNAVAILABLE. Unavailable

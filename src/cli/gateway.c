@@ -32,6 +32,7 @@ enum {
     OPT_PREFIX_AFFINITY,
     OPT_KV_HEADROOM,
     OPT_NO_WAIT_SOONEST,
+    OPT_NO_HOLD_BEYOND_BATCH,
     OPT_API_KEY,
     OPT_UPSTREAM_API_KEY,
     OPT_MAX_BODY,
@@ -64,6 +65,7 @@ static const struct option long_opts[] = {
     {"prefix-affinity", no_argument, NULL, OPT_PREFIX_AFFINITY},
     {"kv-headroom", required_argument, NULL, OPT_KV_HEADROOM},
     {"no-wait-for-soonest", no_argument, NULL, OPT_NO_WAIT_SOONEST},
+    {"no-hold-beyond-batch", no_argument, NULL, OPT_NO_HOLD_BEYOND_BATCH},
     {"api-key", required_argument, NULL, OPT_API_KEY},
     {"upstream-api-key", required_argument, NULL, OPT_UPSTREAM_API_KEY},
     {"max-body-bytes", required_argument, NULL, OPT_MAX_BODY},
@@ -126,6 +128,9 @@ static const char gateway_help_tail[] =
 "                               (0.95)\n"
 "  --no-wait-for-soonest        capacity_aware: send to the soonest-finishing instance with\n"
 "                               room, rather than wait for a sooner one that is full\n"
+"  --no-hold-beyond-batch       capacity_aware: send to an instance already running its max\n"
+"                               batch (the plan's max_batch) instead of holding the request\n"
+"                               here until a slot frees\n"
 "  --prefill-rate TOKENS/S      capacity_aware prior per unit of weight (4000)\n"
 "  --decode-rate TOKENS/S       capacity_aware prior per unit of weight (400); both are\n"
 "                               refined online from what each instance does while busy\n"
@@ -313,6 +318,9 @@ static int parse_opts(int argc, char **argv, gateway_opts *o, bool *help)
             break;
         case OPT_NO_WAIT_SOONEST:
             c->policy_cfg.wait_for_soonest = false;
+            break;
+        case OPT_NO_HOLD_BEYOND_BATCH:
+            c->policy_cfg.hold_beyond_batch = false;
             break;
         case OPT_API_KEY:
             c->api_key = a;

@@ -229,6 +229,10 @@ static void queue_push(gateway *g, gw_request *r, bool front)
     r->queued = true;
     r->queued_front = front;
     r->queued_at = loom_now();
+    if (!r->passthrough) {
+        g->q_prefill += r->preq.prompt_tokens > 0 ? r->preq.prompt_tokens : 0;
+        g->q_decode += r->preq.expected_output > 0 ? r->preq.expected_output : 0;
+    }
     if (front) {
         r->q_prev = NULL;
         r->q_next = g->q_head;
@@ -264,6 +268,12 @@ static void queue_remove(gateway *g, gw_request *r)
     r->q_prev = r->q_next = NULL;
     r->queued = false;
     g->q_len--;
+    if (!r->passthrough) {
+        g->q_prefill -= r->preq.prompt_tokens > 0 ? r->preq.prompt_tokens : 0;
+        g->q_decode -= r->preq.expected_output > 0 ? r->preq.expected_output : 0;
+    }
+    if (g->q_len == 0 || g->q_prefill < 0 || g->q_decode < 0) /* no drift from the sums */
+        g->q_prefill = g->q_decode = 0;
 }
 
 static void attempt_clear(gw_attempt *a)
@@ -821,6 +831,8 @@ static void dispatch_queue(gateway *g)
     int budget = KICK_BUDGET;
     while (g->q_head && budget-- > 0) {
         gw_request *r = g->q_head;
+        if (!r->passthrough)
+            policy_set_backlog(g->pol, g->q_prefill, g->q_decode);
         int i = r->passthrough ? passthrough_select(g, r)
                                : policy_select(g->pol, g->inst, g->n_ups, &r->preq, now);
         if (i == POLICY_UNAVAILABLE && r->preq.n_avoid > 0 && !r->passthrough) {
@@ -984,6 +996,7 @@ static void handle_generate(gateway *g, struct evhttp_request *evreq, gateway_en
             return;
         }
     } else if (g->q_len == 0) {
+        policy_set_backlog(g->pol, pr->prompt_tokens, pr->expected_output); /* r alone */
         int i = policy_select(g->pol, g->inst, g->n_ups, pr, r->arrival);
         if (i >= 0) {
             attempt_start(r, i);

@@ -128,6 +128,7 @@ struct gateway {
     /* requests */
     gw_request *q_head, *q_tail;
     int q_len;
+    double q_prefill, q_decode; /* the queued requests' prompt and expected output tokens */
     gw_request *live;
     gw_request *unwatched_head, *unwatched_tail; /* by arrival */
     int n_abort_pending;

@@ -29,6 +29,12 @@
  *              leans toward instances with free slots. The service clock (policy.c) counts
  *              a second at m < B sequences as the share of a full-batch second the step model
  *              gives them, so the learnt rates stay full-batch rates while a batch drains.
+ *   slots      with B known and hold_beyond_batch (default), an instance running B requests
+ *              is not eligible: the gateway holds r and places it when a slot frees, with what
+ *              it knows then (late binding). Such an instance's finish time for r is at least
+ *              the time until it has finished n - B + 1 of its requests (their remaining work
+ *              from the streamed progress, one token per full-batch step: policy_slot_wait)
+ *              plus r at the full-batch pace.
  *   waiting    none eligible: POLICY_QUEUE (the caller holds r and asks again when capacity
  *              frees). Also, by default (wait_for_soonest), when the soonest finish is on an
  *              instance that is not eligible: T_s counts the work that must drain before r, so
@@ -37,6 +43,12 @@
  *              while the fast one is full, and finishes its share long after the fast one is
  *              idle: in an offline batch on a 3.45x pair that costs over a third of the gain
  *              (tests/unit/policy/test_capacity_aware.c, test_offline_batch_beats_round_robin).
+ *              Except (with hold_beyond_batch) when the instance with room finishes r before
+ *              the cluster could drain what it owes plus what the gateway holds back
+ *              (policy_set_backlog), at the instances' summed rates: then waiting for the
+ *              faster one gains the batch nothing and leaves a slot idle. Without this the
+ *              slow instance of a 3.4x pair took only the few requests short enough to beat
+ *              the fast one's next slot and idled (1.99x round_robin live, 2.24x with it).
  *
  * Prefix affinity: each instance has an approximate index of the hashed prompt blocks sent to
  * it (a 4-way set-associative table with least-recently-used replacement, sized like a KV
@@ -165,6 +177,43 @@ double policy_capacity_prefix_credit(const policy *p, int instance, const policy
     return credit < prompt ? credit : prompt;
 }
 
+/*
+ * Held beyond a full batch: r starts when the instance has finished n - B + 1 of its n
+ * outstanding requests (the gateway sends it then), at the soonest their remaining work allows
+ * one token per full-batch step (policy_slot_wait), and then runs among B sequences. Never
+ * before the aggregate estimate (all the work ahead at the aggregate rates).
+ */
+static double held_finish_time(policy *p, const policy_instance *s, int i,
+                               const policy_request *req, double credit, double aggregate)
+{
+    double B = (double)s->max_batch;
+    double pr = s->prefill_rate > 1e-9 ? s->prefill_rate : 1e-9;
+    double dr = s->decode_rate > 1e-9 ? s->decode_rate : 1e-9;
+    double prompt = req->prompt_tokens > 0 ? req->prompt_tokens : 0;
+    double prefill = prompt - credit > 0 ? prompt - credit : 0;
+    double out = req->expected_output > 0 ? req->expected_output : 0;
+    int j = (int)(s->outstanding - s->max_batch + 1);
+    double t = policy_slot_wait(p, i, j, B, pr, dr) + prefill / pr + out * B / dr;
+    return t > aggregate ? t : aggregate;
+}
+
+/* Seconds for the available instances, working together at their aggregate rates, to finish
+ * what they owe and what the caller holds back (r included, when the caller counts it). */
+static double drain_time(const policy *p, const policy_instance *inst, int n,
+                         const policy_request *req)
+{
+    double pf = p->backlog_prefill, dc = p->backlog_decode, pr = 0, dr = 0;
+    for (int i = 0; i < n; i++) {
+        if (!policy_candidate(inst, i, req))
+            continue;
+        pf += inst[i].pending_prefill;
+        dc += inst[i].pending_decode;
+        pr += inst[i].prefill_rate;
+        dr += inst[i].decode_rate;
+    }
+    return (pr > 0 ? pf / pr : 0) + (dr > 0 ? dc / dr : 0);
+}
+
 static int cap_select(policy *p, const policy_instance *inst, int n, const policy_request *req,
                       double now)
 {
@@ -177,12 +226,16 @@ static int cap_select(policy *p, const policy_instance *inst, int n, const polic
             continue;
         double credit = p->cfg.prefix_affinity ? policy_capacity_prefix_credit(p, i, req) : 0;
         double t = policy_finish_time(&inst[i], req, credit);
+        bool full = p->cfg.hold_beyond_batch && inst[i].max_batch > 0 &&
+                    inst[i].outstanding >= inst[i].max_batch;
+        if (full)
+            t = held_finish_time(p, &inst[i], i, req, credit, t);
         /* strictly sooner (beyond rounding) wins; otherwise the earlier in the scan keeps it */
         if (best_any < 0 || t < best_any_t - 1e-12 * (fabs(best_any_t) + 1)) {
             best_any = i;
             best_any_t = t;
         }
-        if (!policy_admits(p, &inst[i], req, now))
+        if (!policy_admits(p, &inst[i], req, now) || full)
             continue;
         if (best < 0 || t < best_t - 1e-12 * (fabs(best_t) + 1)) {
             best = i;
@@ -195,8 +248,11 @@ static int cap_select(policy *p, const policy_instance *inst, int n, const polic
         return POLICY_QUEUE;
     /* The soonest finish is on an instance without headroom: the request finishes sooner by
      * waiting for it (its finish time already counts the work that must drain first) than by
-     * going where there is room. */
-    if (best != best_any && p->cfg.wait_for_soonest)
+     * going where there is room, unless the room is a free slot that finishes it before the
+     * whole cluster can drain what it has and what waits: then waiting gains nothing for the
+     * batch and leaves the slot idle. */
+    if (best != best_any && p->cfg.wait_for_soonest &&
+        !(p->cfg.hold_beyond_batch && best_t <= drain_time(p, inst, n, req)))
         return POLICY_QUEUE;
     return best;
 }

@@ -31,6 +31,7 @@ void policy_config_default(policy_config *c)
     c->default_prefill_rate = 4000;
     c->default_decode_rate = 400;
     c->decode_step_fixed = 0.5;
+    c->hold_beyond_batch = true;
 }
 
 int policy_count(void)
@@ -96,6 +97,8 @@ void policy_free(policy *p)
         return;
     if (p->ops->dispose)
         p->ops->dispose(p);
+    free(p->work);
+    free(p->scratch);
     free(p);
 }
 
@@ -165,10 +168,63 @@ static void account_service(policy_instance *inst, double now)
         inst->busy_mark = now;
 }
 
+/* A free entry of the work table (grown as needed) holding the given remaining work. A ticket
+ * dropped without policy_complete keeps its entry: a stale estimate, never a dangling pointer. */
+static int work_add(policy *p, int instance, double prefill_left, double decode_left)
+{
+    int k = 0;
+    while (k < p->n_work && p->work[k].instance >= 0)
+        k++;
+    if (k == p->n_work) {
+        if (p->n_work == p->cap_work) {
+            p->cap_work = p->cap_work ? 2 * p->cap_work : 64;
+            p->work = xrealloc(p->work, (size_t)p->cap_work * sizeof(*p->work));
+            p->scratch = xrealloc(p->scratch, (size_t)p->cap_work * sizeof(*p->scratch));
+        }
+        p->n_work++;
+    }
+    p->work[k] = (policy_work){.instance = instance, .prefill_left = prefill_left,
+                               .decode_left = decode_left};
+    return k;
+}
+
+static void work_update(policy *p, const policy_ticket *t)
+{
+    if (t->slot >= 0 && t->slot < p->n_work && p->work[t->slot].instance == t->instance) {
+        p->work[t->slot].prefill_left = t->prefill_left;
+        p->work[t->slot].decode_left = t->decode_left;
+    }
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double policy_slot_wait(policy *p, int instance, int j, double B, double pr, double dr)
+{
+    int m = 0;
+    for (int k = 0; k < p->n_work; k++)
+        if (p->work[k].instance == instance)
+            p->scratch[m++] = p->work[k].prefill_left / pr + p->work[k].decode_left * B / dr;
+    if (j <= 0 || m < j)
+        return 0;
+    qsort(p->scratch, (size_t)m, sizeof(double), cmp_double);
+    return p->scratch[j - 1];
+}
+
+void policy_set_backlog(policy *p, double prefill_tokens, double decode_tokens)
+{
+    p->backlog_prefill = prefill_tokens > 0 ? prefill_tokens : 0;
+    p->backlog_decode = decode_tokens > 0 ? decode_tokens : 0;
+}
+
 void policy_dispatch(policy *p, policy_instance *inst, int n, int chosen, const policy_request *req,
                      double now, policy_ticket *t)
 {
     memset(t, 0, sizeof(*t));
+    t->slot = -1;
     if (chosen < 0 || chosen >= n)
         return;
     policy_instance *s = &inst[chosen];
@@ -187,6 +243,7 @@ void policy_dispatch(policy *p, policy_instance *inst, int n, int chosen, const 
     t->kv = prompt + output;
     t->dispatched_at = now;
     t->service_start = s->service_clock;
+    t->slot = work_add(p, chosen, t->prefill_left, t->decode_left);
     t->active = true;
     s->outstanding++;
     s->dispatched++;
@@ -201,7 +258,6 @@ void policy_dispatch(policy *p, policy_instance *inst, int n, int chosen, const 
 void policy_progress(policy *p, policy_instance *inst, policy_ticket *t, double produced,
                      double now)
 {
-    (void)p;
     (void)now;
     if (!t->active || !(produced > t->produced))
         return;
@@ -220,6 +276,7 @@ void policy_progress(policy *p, policy_instance *inst, policy_ticket *t, double 
     if (s->pending_decode < 0)
         s->pending_decode = 0;
     s->kv_held += d;
+    work_update(p, t);
 }
 
 /*
@@ -301,6 +358,9 @@ void policy_complete(policy *p, policy_instance *inst, policy_ticket *t, const p
     }
     t->active = false;
     t->prefill_left = t->decode_left = 0;
+    if (t->slot >= 0 && t->slot < p->n_work && p->work[t->slot].instance == t->instance)
+        p->work[t->slot].instance = -1;
+    t->slot = -1;
     if (p->ops->on_complete)
         p->ops->on_complete(p, t->instance, t, ok, now);
 }
