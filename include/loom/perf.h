@@ -176,6 +176,36 @@ typedef struct perf_lengths {
     double mean_in_sq; /* E[l_in^2], for the quadratic attention term of prefill */
 } perf_lengths;
 
+/* Where a profile timed steps, how far the fitted model was off: a step's prompt part and its
+ * decode part are each corrected by the relative residual (measured - model) / model of the
+ * timed steps of that kind, interpolated at its shape (prompts: mean length, tokens; decodes:
+ * batch, context per sequence; linear in the logarithms, held constant beyond the grid). So
+ * inside the profiled grid a prediction follows the timings where the linear model cannot
+ * (a CPU's GEMM efficiency keeps rising with the batch: docs/planner.md). */
+/* One step as it ran on an instance (its composition) and how long it took there. Whatever
+ * drives the instance (the engine in process, or HTTP batches against a server) produces
+ * these; perf turns them into roofline terms and fits (perf_profile_fit). */
+typedef struct perf_timed_step {
+    perf_step step;
+    double seconds;
+    int kind; /* PERF_STEP_PREFILL or PERF_STEP_DECODE: what the sample was meant to time */
+} perf_timed_step;
+
+enum { PERF_STEP_PREFILL = 0, PERF_STEP_DECODE = 1 };
+
+#define PERF_PROFILE_MAX_STEPS 64 /* timed steps a profile keeps at most */
+
+typedef struct perf_correction_point {
+    int kind;      /* PERF_STEP_PREFILL or PERF_STEP_DECODE */
+    double x, y;   /* log mean prompt length, log tokens; log batch, log context per sequence */
+    double rho;    /* (measured - model) / model */
+} perf_correction_point;
+
+typedef struct perf_correction {
+    int n; /* 0: none */
+    perf_correction_point pt[PERF_PROFILE_MAX_STEPS];
+} perf_correction;
+
 /* One instance: a model on tp devices of one kind, with coefficients and engine limits. */
 typedef struct perf_setup {
     const perf_model *model;
@@ -183,10 +213,13 @@ typedef struct perf_setup {
     int tp;
     perf_coef coef;
     perf_limits limits;
+    perf_correction corr; /* from the profile's steps (perf_setup_correct); n = 0: none */
 } perf_setup;
 
 /* Fills s with the device's catalog coefficients and default limits. */
 void perf_setup_init(perf_setup *s, const perf_model *pm, const perf_device *dev, int tp);
+/* The residuals of s's model (its coefficients as set now) on timed steps: perf_correction. */
+void perf_setup_correct(perf_setup *s, const perf_timed_step *steps, int n);
 
 typedef struct perf_memory {
     double usable;      /* per device: utilization x memory */
@@ -266,7 +299,9 @@ int perf_fit(const perf_sample *samples, int n, const perf_coef *prior, perf_coe
 
 /* ---------------------------------------------------------------- profiles */
 
-/* A profile: coefficients fitted on one device kind at one tp (and, optionally, one model). */
+
+/* A profile: coefficients fitted on one device kind at one tp (and, optionally, one model), and
+ * the timed steps they were fitted on (when the file keeps them: its steps: list). */
 typedef struct perf_profile {
     char device[PERF_NAME_MAX];
     int tp;
@@ -274,6 +309,8 @@ typedef struct perf_profile {
     int n_samples;
     perf_coef coef;
     double rel_rms; /* fit error over all samples, relative RMS */
+    int n_steps;    /* 0: the file keeps none */
+    perf_timed_step steps[PERF_PROFILE_MAX_STEPS];
 } perf_profile;
 
 /*
@@ -298,16 +335,6 @@ int perf_profile_find(const char *dir, const char *device, int tp, const char *m
 
 /* ---------------------------------------------------------------- profiling runs */
 
-/* One step as it ran on an instance (its composition) and how long it took there. Whatever
- * drives the instance (the engine in process, or HTTP batches against a server) produces
- * these; perf turns them into roofline terms and fits (perf_profile_fit). */
-typedef struct perf_timed_step {
-    perf_step step;
-    double seconds;
-    int kind; /* PERF_STEP_PREFILL or PERF_STEP_DECODE: what the sample was meant to time */
-} perf_timed_step;
-
-enum { PERF_STEP_PREFILL = 0, PERF_STEP_DECODE = 1 };
 
 /*
  * Fits the latency coefficients of model pm on tp devices of kind dev to timed steps, starting
@@ -318,6 +345,10 @@ enum { PERF_STEP_PREFILL = 0, PERF_STEP_DECODE = 1 };
 int perf_profile_fit(const perf_model *pm, const perf_device *dev, int tp, const char *model_name,
                      const perf_timed_step *steps, int n, const perf_coef *prior,
                      perf_profile *out, double *errors, loom_err *e);
+
+/* Appends the timed steps to a profile written by perf_profile_write, as its `steps:` list
+ * (what `loom profile --refit` fits again when the model changes, without re-measuring). */
+void perf_profile_write_steps(const perf_timed_step *steps, int n, loom_buf *b);
 
 /* What `loom profile --host` measures: the host as the catalog's pooled `cpu` device. */
 typedef struct perf_host {

@@ -50,6 +50,7 @@ enum {
     OPT_EXPLAIN,
     OPT_QUIET,
     OPT_CHECK,
+    OPT_NO_CORRECTION,
 };
 
 static const struct option long_opts[] = {
@@ -74,6 +75,7 @@ static const struct option long_opts[] = {
     {"explain", required_argument, NULL, OPT_EXPLAIN},
     {"quiet", no_argument, NULL, OPT_QUIET},
     {"check", required_argument, NULL, OPT_CHECK},
+    {"no-profile-correction", no_argument, NULL, OPT_NO_CORRECTION},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -109,6 +111,9 @@ static void plan_help(FILE *f)
 "  --catalog FILE               device catalog (default data/devices.yaml; $LOOM_CATALOG)\n"
 "  --profiles DIR               latency profiles from `loom profile` (device, tp, fitted\n"
 "                               coefficients); configurations without one use the catalog's\n"
+"  --no-profile-correction      use the profiles' fitted coefficients alone, not also their\n"
+"                               timed steps (inside the profiled grid a prediction follows the\n"
+"                               timings by default: docs/planner.md)\n"
 "\n"
 "search:\n"
 "  --objective NAME             throughput (default): most output tokens/s;\n"
@@ -341,6 +346,9 @@ int cli_plan(int argc, char **argv)
             break;
         case OPT_PROFILES:
             o.profiles = optarg;
+            break;
+        case OPT_NO_CORRECTION:
+            o.opts.no_profile_correction = true;
             break;
         case OPT_OBJECTIVE:
             if (plan_objective_parse(optarg, &o.opts.objective))

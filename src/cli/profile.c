@@ -33,7 +33,7 @@
 #define PROFILE_MAX_STEPS 256
 
 typedef struct profile_opts {
-    const char *url, *model, *backend, *device, *catalog, *out, *name, *api_key;
+    const char *url, *model, *backend, *device, *catalog, *out, *name, *api_key, *refit;
     bool host, any_model, quiet, progress;
     long long threads, tp, max_prompt, max_batch, max_context, max_tokens, repeat, seed;
 } profile_opts;
@@ -59,6 +59,7 @@ enum {
     OPT_API_KEY,
     OPT_NO_PROGRESS,
     OPT_QUIET,
+    OPT_REFIT,
 };
 
 static const struct option long_opts[] = {
@@ -82,6 +83,7 @@ static const struct option long_opts[] = {
     {"api-key", required_argument, NULL, OPT_API_KEY},
     {"no-progress", no_argument, NULL, OPT_NO_PROGRESS},
     {"quiet", no_argument, NULL, OPT_QUIET},
+    {"refit", required_argument, NULL, OPT_REFIT},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -91,6 +93,7 @@ static const char profile_help_text[] =
 "usage: loom profile --model SPEC --backend cpu [--threads N] [options]\n"
 "       loom profile --url URL --model SPEC [--device NAME --tp N] [options]\n"
 "       loom profile --host [--out FILE]\n"
+"       loom profile --refit PROFILE --model SPEC [--out FILE]\n"
 "\n"
 "Times a small grid of batches (a few dozen: prompt steps of 1, 2 and 4 prompts of 64 tokens\n"
 "up to --max-prompt; decode steps of 1, 4, 16, ... --max-batch sequences at --max-context\n"
@@ -115,6 +118,9 @@ static const char profile_help_text[] =
 "                               and with all, F32 GEMM rate) and write a device catalog with a\n"
 "                               `cpu` entry from it (to use with --catalog, or to paste into\n"
 "                               data/devices.yaml); stdout unless --out\n"
+"  --refit PROFILE              or: fit the timed steps a profile keeps (its steps: list) again,\n"
+"                               with this build's model, without measuring anything; the device\n"
+"                               and tp are the profile's (written to --out, default stdout)\n"
 "\n"
 "what the profile describes:\n"
 "  --device NAME                catalog device of the instance (default cpu)\n"
@@ -789,6 +795,9 @@ static int parse_opts(int argc, char **argv, profile_opts *o, bool *help)
         case OPT_NO_PROGRESS:
             o->progress = false;
             break;
+        case OPT_REFIT:
+            o->refit = a;
+            break;
         case OPT_QUIET:
             o->quiet = true;
             break;
@@ -807,10 +816,11 @@ static int parse_opts(int argc, char **argv, profile_opts *o, bool *help)
     }
     if (optind < argc)
         return cli_usage_error("profile", "unexpected argument '%s'", argv[optind]);
-    int modes = (o->url != NULL) + (o->backend != NULL) + o->host;
+    int modes = (o->url != NULL) + (o->backend != NULL) + o->host + (o->refit != NULL);
     if (modes != 1)
         return cli_usage_error("profile", "%s",
-                               "give one of --url URL, --backend cpu (with --model) or --host");
+                               "give one of --url URL, --backend cpu (with --model), --host or "
+                               "--refit PROFILE");
     if (o->host)
         return 0;
     if (!o->model)
@@ -826,6 +836,10 @@ static int parse_opts(int argc, char **argv, profile_opts *o, bool *help)
     if (o->backend && o->tp && o->tp != o->threads)
         return cli_usage_error("profile", "%s",
                                "--tp with --backend cpu is --threads: give --threads");
+    if (o->refit && (o->device || o->tp || threads_set))
+        return cli_usage_error("profile", "%s",
+                               "--refit takes the device and tp from the profile: drop "
+                               "--device, --tp and --threads");
     if (o->url && threads_set)
         return cli_usage_error("profile", "%s",
                                "--threads is for --backend cpu (the server has its own)");
@@ -868,6 +882,34 @@ int cli_profile(int argc, char **argv)
     model *m = NULL;
     char namebuf[256], outbuf[512];
     const char *name = o.name ? o.name : model_name_of(o.model, namebuf, sizeof(namebuf));
+    perf_timed_step steps[PROFILE_MAX_STEPS];
+    int n_steps = 0;
+    if (o.refit) {
+        static char devbuf[PERF_NAME_MAX];
+        static perf_profile old;
+        if (perf_profile_load(o.refit, &old, &e)) {
+            fprintf(stderr, "loom profile: %s\n", e.msg);
+            goto out;
+        }
+        n_steps = old.n_steps;
+        memcpy(steps, old.steps, sizeof(steps[0]) * (size_t)n_steps);
+        if (n_steps == 0) {
+            fprintf(stderr,
+                    "loom profile: %s keeps no timed steps (profiles written before they kept "
+                    "a steps: list cannot be refitted; profile again)\n",
+                    o.refit);
+            goto out;
+        }
+        snprintf(devbuf, sizeof(devbuf), "%s", old.device);
+        o.device = devbuf;
+        o.tp = old.tp;
+        if (!o.name && old.model[0]) {
+            snprintf(namebuf, sizeof(namebuf), "%s", old.model);
+            name = namebuf;
+        }
+        if (!o.out)
+            o.out = "-";
+    }
     if (load_config(o.model, &mc, &e) || perf_catalog_load(o.catalog, &catalog, &e)) {
         fprintf(stderr, "loom profile: %s\n", e.msg);
         goto out;
@@ -890,20 +932,23 @@ int cli_profile(int argc, char **argv)
         fprintf(stderr, "loom profile: --tp %lld: %s\n", o.tp, why);
         goto out;
     }
-    if (o.max_context + 64 > mc.max_position_embeddings) {
+    if (!o.refit && o.max_context + 64 > mc.max_position_embeddings) {
         fprintf(stderr, "loom profile: --max-context %lld is over the model's %d positions\n",
                 o.max_context, mc.max_position_embeddings);
         goto out;
     }
 
     grid_cell cells[PROFILE_MAX_STEPS];
-    int n_cells = make_grid(&o, cells, PROFILE_MAX_STEPS);
-    perf_timed_step steps[PROFILE_MAX_STEPS];
-    int n_steps = 0;
-    progress pg = {.on = o.progress, .total = n_cells};
+    int n_cells = o.refit ? 0 : make_grid(&o, cells, PROFILE_MAX_STEPS);
+    progress pg = {.on = o.progress && !o.refit, .total = n_cells};
     exit_code = CLI_EXIT_FAIL;
     double t0 = loom_now();
-    if (o.backend) {
+    if (o.refit) {
+        if (!o.quiet)
+            fprintf(stderr, "refitting %d timed steps of %s (%s, tp %lld)\n", n_steps, o.refit,
+                    dev->name, o.tp);
+        rc = 0;
+    } else if (o.backend) {
         tensor_set_threads((int)o.threads);
         rc = !strncmp(o.model, "random:", 7)
                  ? model_create_random(o.model + 7, (uint64_t)o.seed, &m, &e)
@@ -937,24 +982,25 @@ int cli_profile(int argc, char **argv)
         fprintf(stderr, "loom profile: fit: %s\n", e.msg);
         goto out;
     }
+    FILE *tf = o.out && !strcmp(o.out, "-") ? stderr : stdout; /* the table, beside the profile */
     if (!o.quiet) {
-        printf("%-8s %6s %8s %10s %10s %7s\n", "step", "seqs", "tokens", "measured", "fitted",
+        fprintf(tf, "%-8s %6s %8s %10s %10s %7s\n", "step", "seqs", "tokens", "measured", "fitted",
                "error");
         for (int i = 0; i < n_steps; i++) {
             const perf_step *s = &steps[i].step;
             bool pre = steps[i].kind == PERF_STEP_PREFILL;
             double seqs = pre ? s->prefill_seqs : s->decode_seqs;
             double toks = pre ? s->prefill_tokens : s->decode_ctx / s->decode_seqs;
-            printf("%-8s %6.0f %8.0f %8.2fms %8.2fms %+6.1f%%\n", pre ? "prompt" : "decode", seqs,
+            fprintf(tf, "%-8s %6.0f %8.0f %8.2fms %8.2fms %+6.1f%%\n", pre ? "prompt" : "decode", seqs,
                    toks, steps[i].seconds * 1e3, steps[i].seconds * (1 + errs[i]) * 1e3,
                    100 * errs[i]);
         }
-        printf("(decode rows: tokens = cached context per sequence)\n");
+        fprintf(tf, "(decode rows: tokens = cached context per sequence)\n");
         const perf_coef *c = &prof.coef;
-        printf("without the attention and per-token terms (decode attention at the decode "
+        fprintf(tf, "without the attention and per-token terms (decode attention at the decode "
                "tokens' efficiency, no host cost per token) the fit error would be %.1f%%\n",
                100 * roofline_only_error(&pm, dev, (int)o.tp, steps, n_steps));
-        printf("fitted on %d steps in %.1f s: overhead %.3f ms, compute_prefill %.3f, "
+        fprintf(tf, "fitted on %d steps in %.1f s: overhead %.3f ms, compute_prefill %.3f, "
                "compute_decode %.3f, attention %.3f, memory %.3f, comm %.3f, host_token "
                "%.4f ms; relative RMS error %.1f%%\n",
                n_steps, wall, c->overhead * 1e3, c->compute_prefill, c->compute_decode,
@@ -968,6 +1014,7 @@ int cli_profile(int argc, char **argv)
     loom_buf b;
     buf_init(&b);
     perf_profile_write(&prof, &b);
+    perf_profile_write_steps(steps, n_steps, &b);
     char what[96];
     snprintf(what, sizeof(what), "%s tp %lld, %d steps, fit error %.1f%%", dev->name, o.tp, n_steps,
              100 * prof.rel_rms);

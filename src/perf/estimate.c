@@ -93,12 +93,126 @@ void perf_memory_plan(const perf_setup *s, const perf_lengths *w, perf_memory *o
     out->fits = true;
 }
 
+/* The model alone (no correction). */
+static double model_seconds(const perf_setup *s, const perf_step *st, perf_terms *t)
+{
+    perf_step_terms(s->model, s->device, s->tp, st, t);
+    return perf_coef_apply(&s->coef, t);
+}
+
+/* Shape coordinates of a step's part of the given kind (perf_correction_point). */
+static void part_xy(const perf_step *st, int kind, double *x, double *y)
+{
+    if (kind == PERF_STEP_PREFILL) {
+        double seqs = st->prefill_seqs > 0 ? st->prefill_seqs : 1;
+        double len = st->prefill_tokens / seqs;
+        *x = log(len > 1 ? len : 1);
+        *y = log(st->prefill_tokens > 1 ? st->prefill_tokens : 1);
+    } else {
+        double b = st->decode_seqs > 1 ? st->decode_seqs : 1;
+        double ctx = st->decode_seqs > 0 ? st->decode_ctx / st->decode_seqs : 1;
+        *x = log(b);
+        *y = log(ctx > 1 ? ctx : 1);
+    }
+}
+
+void perf_setup_correct(perf_setup *s, const perf_timed_step *steps, int n)
+{
+    s->corr.n = 0;
+    for (int i = 0; i < n && s->corr.n < PERF_PROFILE_MAX_STEPS; i++) {
+        const perf_timed_step *ts = &steps[i];
+        bool pre = ts->kind == PERF_STEP_PREFILL;
+        /* only pure steps of their kind say what that kind of part costs */
+        if (pre ? (ts->step.prefill_tokens <= 0 || ts->step.decode_seqs > 0)
+                : (ts->step.decode_seqs <= 0 || ts->step.prefill_tokens > 0))
+            continue;
+        perf_terms t;
+        double m = model_seconds(s, &ts->step, &t);
+        if (!(m > 0) || !(ts->seconds > 0))
+            continue;
+        perf_correction_point *p = &s->corr.pt[s->corr.n++];
+        p->kind = ts->kind;
+        part_xy(&ts->step, ts->kind, &p->x, &p->y);
+        p->rho = (ts->seconds - m) / m;
+    }
+}
+
+/* The residual of the level x = xl of the given kind at y: linear between the two points of
+ * the level around y, the nearer end's beyond them. */
+static double level_rho(const perf_correction *c, int kind, double xl, double y)
+{
+    int lo = -1, hi = -1;
+    for (int i = 0; i < c->n; i++) {
+        const perf_correction_point *p = &c->pt[i];
+        if (p->kind != kind || fabs(p->x - xl) > 1e-9)
+            continue;
+        if (p->y <= y && (lo < 0 || p->y > c->pt[lo].y))
+            lo = i;
+        if (p->y >= y && (hi < 0 || p->y < c->pt[hi].y))
+            hi = i;
+    }
+    if (lo < 0)
+        return c->pt[hi].rho;
+    if (hi < 0 || c->pt[hi].y - c->pt[lo].y < 1e-12)
+        return c->pt[lo].rho;
+    double f = (y - c->pt[lo].y) / (c->pt[hi].y - c->pt[lo].y);
+    return c->pt[lo].rho + f * (c->pt[hi].rho - c->pt[lo].rho);
+}
+
+/* The residual at (x, y): between the levels of x around it (linear in x), each at y. */
+static double correction_rho(const perf_correction *c, int kind, double x, double y)
+{
+    double xlo = -INFINITY, xhi = INFINITY, xmin = INFINITY, xmax = -INFINITY;
+    bool any = false;
+    for (int i = 0; i < c->n; i++) {
+        const perf_correction_point *p = &c->pt[i];
+        if (p->kind != kind)
+            continue;
+        any = true;
+        xmin = p->x < xmin ? p->x : xmin;
+        xmax = p->x > xmax ? p->x : xmax;
+        if (p->x <= x && p->x > xlo)
+            xlo = p->x;
+        if (p->x >= x && p->x < xhi)
+            xhi = p->x;
+    }
+    if (!any)
+        return 0;
+    if (xlo == -INFINITY)
+        xlo = xhi = xmin;
+    if (xhi == INFINITY)
+        xlo = xhi = xmax;
+    double rl = level_rho(c, kind, xlo, y);
+    if (xhi - xlo < 1e-12)
+        return rl;
+    double rh = level_rho(c, kind, xhi, y);
+    return rl + (x - xlo) / (xhi - xlo) * (rh - rl);
+}
+
 double perf_step_seconds(const perf_setup *s, const perf_step *st, perf_terms *terms)
 {
     perf_terms local;
     perf_terms *t = terms ? terms : &local;
-    perf_step_terms(s->model, s->device, s->tp, st, t);
-    return perf_coef_apply(&s->coef, t);
+    double secs = model_seconds(s, st, t);
+    if (s->corr.n == 0)
+        return secs;
+    /* each part's model time, corrected by its kind's residual at its shape */
+    perf_step part;
+    perf_terms pt;
+    double x, y;
+    if (st->prefill_tokens > 0) {
+        part = *st;
+        part.decode_seqs = part.decode_ctx = 0;
+        part_xy(&part, PERF_STEP_PREFILL, &x, &y);
+        secs += correction_rho(&s->corr, PERF_STEP_PREFILL, x, y) * model_seconds(s, &part, &pt);
+    }
+    if (st->decode_seqs > 0) {
+        perf_step_decode(&part, st->decode_seqs, st->decode_ctx);
+        part_xy(&part, PERF_STEP_DECODE, &x, &y);
+        secs += correction_rho(&s->corr, PERF_STEP_DECODE, x, y) * model_seconds(s, &part, &pt);
+    }
+    double floor = 0.1 * model_seconds(s, st, &pt); /* residuals never cut a step below this */
+    return secs > floor ? secs : floor;
 }
 
 /* Steps a prompt of `in` tokens spends in prefill when `decodes` tokens of each step's budget

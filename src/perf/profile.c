@@ -148,6 +148,52 @@ int perf_profile_grid(int max_prompt, int max_tokens, int max_batch, int max_con
     return n;
 }
 
+static const char *const step_keys[] = {
+    "kind",        "prefill_tokens", "prefill_seqs", "prefill_logits", "prefill_pairs",
+    "prefill_kv_read", "decode_seqs",  "decode_ctx",   "seconds",        NULL};
+
+/* The steps: list (absent: none). */
+static int parse_steps(perf_yaml *y, yaml_node_t *seq, perf_profile *out, loom_err *e)
+{
+    out->n_steps = 0;
+    if (!seq)
+        return LOOM_OK;
+    int rc = perf_yaml_expect_seq(y, seq, "steps", e);
+    if (rc)
+        return rc;
+    int m = perf_yaml_seq_len(seq);
+    if (m > PERF_PROFILE_MAX_STEPS)
+        return loom_errf(e, LOOM_EFORMAT, "profile:%d: %d steps, at most %d", perf_yaml_line(seq),
+                         m, PERF_PROFILE_MAX_STEPS);
+    for (int i = 0; i < m; i++) {
+        yaml_node_t *it = perf_yaml_seq_item(y, seq, i);
+        char kind[16];
+        double v[8];
+        if ((rc = perf_yaml_expect_map(y, it, "a step", e)) ||
+            (rc = perf_yaml_check_keys(y, it, step_keys, "a step", e)) ||
+            (rc = perf_yaml_string(y, it, "kind", true, NULL, kind, sizeof(kind), e)))
+            return rc;
+        for (int k = 0; k < 8; k++)
+            if ((rc = perf_yaml_number(y, it, step_keys[k + 1], k == 7, 0, 0, 1e18, &v[k], e)))
+                return rc;
+        if (strcmp(kind, "prefill") && strcmp(kind, "decode"))
+            return loom_errf(e, LOOM_EFORMAT, "profile:%d: step kind '%s' (prefill or decode)",
+                             perf_yaml_line(it), kind);
+        if (!(v[7] > 0))
+            return loom_errf(e, LOOM_EFORMAT, "profile:%d: a step's seconds must be > 0",
+                             perf_yaml_line(it));
+        perf_timed_step *t = &out->steps[i];
+        memset(t, 0, sizeof(*t));
+        t->kind = strcmp(kind, "prefill") ? PERF_STEP_DECODE : PERF_STEP_PREFILL;
+        t->step = (perf_step){.prefill_tokens = v[0], .prefill_seqs = v[1],
+                              .prefill_logits = v[2], .prefill_pairs = v[3],
+                              .prefill_kv_read = v[4], .decode_seqs = v[5], .decode_ctx = v[6]};
+        t->seconds = v[7];
+        out->n_steps = i + 1;
+    }
+    return LOOM_OK;
+}
+
 int perf_profile_parse(const char *text, size_t len, perf_profile *out, loom_err *e)
 {
     memset(out, 0, sizeof(*out));
@@ -156,7 +202,8 @@ int perf_profile_parse(const char *text, size_t len, perf_profile *out, loom_err
     int rc = perf_yaml_load(&y, text, len, "profile", e);
     if (rc)
         return rc;
-    static const char *const keys[] = {"device", "tp", "model", "samples", "coefficients", NULL};
+    static const char *const keys[] = {"device", "tp",    "model", "samples",
+                                       "coefficients", "steps", NULL};
     yaml_node_t *root = perf_yaml_root(&y), *coef;
     long long tp = 0, samples = 0;
     if ((rc = perf_yaml_expect_map(&y, root, "the profile", e)) ||
@@ -176,9 +223,30 @@ int perf_profile_parse(const char *text, size_t len, perf_profile *out, loom_err
         goto done;
     }
     rc = perf_coef_from_yaml(&y, coef, "coefficients", &out->coef, &out->rel_rms, e);
+    if (!rc)
+        rc = parse_steps(&y, perf_yaml_get(&y, root, "steps"), out, e);
 done:
     perf_yaml_free(&y);
     return rc;
+}
+
+
+void perf_profile_write_steps(const perf_timed_step *steps, int n, loom_buf *b)
+{
+    buf_puts(b, "# the timed steps of the fit (loom profile --refit FILE fits them again)\n"
+                "steps:\n");
+    for (int i = 0; i < n; i++) {
+        const perf_step *s = &steps[i].step;
+        double v[] = {s->prefill_tokens, s->prefill_seqs, s->prefill_logits, s->prefill_pairs,
+                      s->prefill_kv_read, s->decode_seqs,  s->decode_ctx,     steps[i].seconds};
+        buf_printf(b, "  - {kind: %s", steps[i].kind == PERF_STEP_PREFILL ? "prefill" : "decode");
+        for (int k = 0; k < 8; k++) {
+            char num[32];
+            perf_fmt_double(v[k], num, sizeof(num));
+            buf_printf(b, ", %s: %s", step_keys[k + 1], num);
+        }
+        buf_puts(b, "}\n");
+    }
 }
 
 int perf_profile_load(const char *path, perf_profile *out, loom_err *e)

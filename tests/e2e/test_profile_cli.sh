@@ -33,6 +33,20 @@ grep -q 'relative RMS error' "$WORK/p1.txt" || die "no fit summary printed"
     --profiles "$WORK/profiles" --no-output >"$WORK/plan.txt" 2>&1 || { cat "$WORK/plan.txt" >&2; die "plan with the profile failed"; }
 grep -q 'profile' "$WORK/plan.txt" || die "the plan did not use the profile"
 
+# --refit: the kept steps fitted again give the same coefficients, without measuring
+grep -q '^steps:' "$WORK/profiles/cpu-tp1.yaml" || die "profile keeps no steps: list"
+timeout 30 "$LOOM_BIN" profile --refit "$WORK/profiles/cpu-tp1.yaml" --model random:llama-tiny \
+    --quiet >"$WORK/refit.yaml" 2>"$WORK/refit.err" || { cat "$WORK/refit.err" >&2; die "--refit failed"; }
+diff <(grep '^coefficients:' "$WORK/profiles/cpu-tp1.yaml") <(grep '^coefficients:' "$WORK/refit.yaml") ||
+    die "--refit of an unchanged model gave other coefficients"
+grep -q '^device: "cpu"' "$WORK/refit.yaml" && grep -q '^tp: 1' "$WORK/refit.yaml" ||
+    die "--refit lost the device or tp"
+grep -v '^steps:\|^  - {' "$WORK/profiles/cpu-tp1.yaml" | grep -v '^# the timed steps' >"$WORK/nosteps.yaml"
+timeout 30 "$LOOM_BIN" profile --refit "$WORK/nosteps.yaml" --model random:llama-tiny >/dev/null 2>"$WORK/err"
+[ $? -eq 2 ] && grep -q 'keeps no timed steps' "$WORK/err" || die "--refit of a profile without steps: want exit 2 and a message"
+timeout 30 "$LOOM_BIN" profile --refit "$WORK/profiles/cpu-tp1.yaml" --model random:llama-tiny --tp 2 >/dev/null 2>&1
+[ $? -eq 2 ] || die "--refit with --tp: want exit 2"
+
 # over HTTP
 start_server S --model random:llama-tiny --threads 1 --max-num-seqs 8
 timeout 60 "$LOOM_BIN" profile --url "$S_URL" --model random:llama-tiny --device cpu --tp 1 \

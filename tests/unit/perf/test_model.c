@@ -303,13 +303,99 @@ static void test_throughput_shape(void **state)
     assert_true(est2.output_tokens_per_s == 0);
 }
 
+/*
+ * The profile correction: at a timed step the corrected model gives the measured time; between
+ * timed decode batches (or prompt lengths) it interpolates the residual in the logarithms,
+ * beyond the grid it holds the edge's; a mixed step gets each part's correction; without steps
+ * nothing changes. Also the steps: list through write and parse.
+ */
+static void test_profile_correction(void **state)
+{
+    (void)state;
+    loom_err e;
+    model_config c = llama8b();
+    perf_model pm;
+    assert_int_equal(perf_model_init(&pm, &c, "m", 2, 2, &e), LOOM_OK);
+    perf_device dev = test_device(80);
+    perf_setup s;
+    perf_setup_init(&s, &pm, &dev, 1);
+    /* "measured": decode 10% slower than the model at batch 16, 10% faster at batch 64, at
+     * contexts 100 and 400; prompts of 512 tokens 20% slower */
+    perf_timed_step ts[5];
+    const double B[4] = {16, 16, 64, 64}, ctx[4] = {100, 400, 100, 400}, f[4] = {1.1, 1.1, 0.9, 0.9};
+    for (int i = 0; i < 4; i++) {
+        ts[i].kind = PERF_STEP_DECODE;
+        perf_step_decode(&ts[i].step, B[i], B[i] * ctx[i]);
+        ts[i].seconds = f[i] * perf_step_seconds(&s, &ts[i].step, NULL);
+    }
+    ts[4].kind = PERF_STEP_PREFILL;
+    perf_step_prefill(&ts[4].step, 512, 512, 512.0 * 512);
+    ts[4].seconds = 1.2 * perf_step_seconds(&s, &ts[4].step, NULL);
+
+    perf_setup corr = s;
+    perf_setup_correct(&corr, ts, 5);
+    assert_int_equal(corr.corr.n, 5);
+    for (int i = 0; i < 5; i++)
+        assert_true(fabs(perf_step_seconds(&corr, &ts[i].step, NULL) / ts[i].seconds - 1) < 1e-9);
+    /* batch 32, halfway in log between 16 and 64: no correction; batch 128: the 64's (-10%);
+     * batch 4: the 16's (+10%); context 200 at batch 16: still +10% */
+    perf_step q;
+    const double qb[4] = {32, 128, 4, 16}, qc[4] = {200, 200, 200, 200}, want[4] = {1, 0.9, 1.1, 1.1};
+    for (int i = 0; i < 4; i++) {
+        perf_step_decode(&q, qb[i], qb[i] * qc[i]);
+        double r = perf_step_seconds(&corr, &q, NULL) / perf_step_seconds(&s, &q, NULL);
+        if (fabs(r - want[i]) > 1e-9)
+            fail_msg("batch %.0f: corrected / model %.6f, want %.2f", qb[i], r, want[i]);
+    }
+    /* a mixed step: each part's correction on its model time */
+    perf_step mixed, pre, dec;
+    perf_step_prefill(&pre, 512, 512, 512.0 * 512);
+    perf_step_decode(&dec, 64, 64 * 400.0);
+    mixed = pre;
+    perf_step_add(&mixed, &dec);
+    double want_mixed = perf_step_seconds(&s, &mixed, NULL) +
+                        0.2 * perf_step_seconds(&s, &pre, NULL) -
+                        0.1 * perf_step_seconds(&s, &dec, NULL);
+    assert_true(fabs(perf_step_seconds(&corr, &mixed, NULL) / want_mixed - 1) < 1e-9);
+    /* no steps, no change */
+    perf_setup none = s;
+    perf_setup_correct(&none, ts, 0);
+    assert_true(perf_step_seconds(&none, &mixed, NULL) == perf_step_seconds(&s, &mixed, NULL));
+
+    /* the steps: list survives write and parse */
+    perf_profile p;
+    memset(&p, 0, sizeof(p));
+    snprintf(p.device, sizeof(p.device), "%s", dev.name);
+    p.tp = 1;
+    p.coef = s.coef;
+    loom_buf b;
+    buf_init(&b);
+    perf_profile_write(&p, &b);
+    perf_profile_write_steps(ts, 5, &b);
+    perf_profile back;
+    assert_int_equal(perf_profile_parse(b.data, b.len, &back, &e), LOOM_OK);
+    assert_int_equal(back.n_steps, 5);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(back.steps[i].kind, ts[i].kind);
+        assert_true(back.steps[i].seconds == ts[i].seconds);
+        assert_true(back.steps[i].step.decode_ctx == ts[i].step.decode_ctx);
+        assert_true(back.steps[i].step.prefill_pairs == ts[i].step.prefill_pairs);
+    }
+    buf_free(&b);
+    /* a damaged step is an error that names the line */
+    const char *bad = "device: cpu\ntp: 1\ncoefficients: {overhead_s: 0.001}\n"
+                      "steps:\n  - {kind: sideways, seconds: 1}\n";
+    assert_int_equal(perf_profile_parse(bad, strlen(bad), &back, &e), LOOM_EFORMAT);
+    assert_non_null(strstr(e.msg, "sideways"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_param_counts),           cmocka_unit_test(test_step_flops),
         cmocka_unit_test(test_moe_experts_touched),    cmocka_unit_test(test_memory_model),
         cmocka_unit_test(test_memory_no_request_fits), cmocka_unit_test(test_tp_valid),
-        cmocka_unit_test(test_throughput_shape),
+        cmocka_unit_test(test_throughput_shape),       cmocka_unit_test(test_profile_correction),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
