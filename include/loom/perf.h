@@ -213,7 +213,7 @@ typedef struct perf_setup {
     int tp;
     perf_coef coef;
     perf_limits limits;
-    perf_correction corr; /* from the profile's steps (perf_setup_correct); n = 0: none */
+    perf_correction corr; /* from a profile's steps (perf_setup_correct); n = 0: none */
 } perf_setup;
 
 /* Fills s with the device's catalog coefficients and default limits. */

@@ -104,7 +104,7 @@ typedef struct plan_options {
     plan_objective objective;
     double target_rate;       /* min-cost: requests/s; 0 = the trace's mean arrival rate */
     const char *profiles_dir; /* NULL: catalog coefficients */
-    bool no_profile_correction; /* the profiles' coefficients only, not their timed steps */
+    bool profile_correction;  /* also correct by the profiles' timed steps (perf_correction) */
     int runner_ups;           /* partitions listed after the best, per machine kind (3) */
     int64_t max_nodes;        /* search nodes per machine kind before giving up (4,000,000) */
     int n_tp_allowed;         /* 0 = every degree; else only these (--tp 1,2,4) */

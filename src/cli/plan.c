@@ -50,7 +50,7 @@ enum {
     OPT_EXPLAIN,
     OPT_QUIET,
     OPT_CHECK,
-    OPT_NO_CORRECTION,
+    OPT_CORRECTION,
 };
 
 static const struct option long_opts[] = {
@@ -75,7 +75,7 @@ static const struct option long_opts[] = {
     {"explain", required_argument, NULL, OPT_EXPLAIN},
     {"quiet", no_argument, NULL, OPT_QUIET},
     {"check", required_argument, NULL, OPT_CHECK},
-    {"no-profile-correction", no_argument, NULL, OPT_NO_CORRECTION},
+    {"profile-correction", no_argument, NULL, OPT_CORRECTION},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -111,9 +111,9 @@ static void plan_help(FILE *f)
 "  --catalog FILE               device catalog (default data/devices.yaml; $LOOM_CATALOG)\n"
 "  --profiles DIR               latency profiles from `loom profile` (device, tp, fitted\n"
 "                               coefficients); configurations without one use the catalog's\n"
-"  --no-profile-correction      use the profiles' fitted coefficients alone, not also their\n"
-"                               timed steps (inside the profiled grid a prediction follows the\n"
-"                               timings by default: docs/planner.md)\n"
+"  --profile-correction         also correct the fitted model by the profiles' timed steps\n"
+"                               (their residuals, interpolated): follows the timings inside\n"
+"                               the profiled grid, and their noise (docs/planner.md)\n"
 "\n"
 "search:\n"
 "  --objective NAME             throughput (default): most output tokens/s;\n"
@@ -347,8 +347,8 @@ int cli_plan(int argc, char **argv)
         case OPT_PROFILES:
             o.profiles = optarg;
             break;
-        case OPT_NO_CORRECTION:
-            o.opts.no_profile_correction = true;
+        case OPT_CORRECTION:
+            o.opts.profile_correction = true;
             break;
         case OPT_OBJECTIVE:
             if (plan_objective_parse(optarg, &o.opts.objective))

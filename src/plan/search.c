@@ -101,7 +101,7 @@ static int eval_config(plan_result *r, plan_config *c, const perf_device *dev, i
         rc = perf_profile_find(r->opts.profiles_dir, dev->name, tp, model_name, &p, &pe);
         if (rc == LOOM_OK) {
             c->setup.coef = p.coef;
-            if (!r->opts.no_profile_correction)
+            if (r->opts.profile_correction)
                 perf_setup_correct(&c->setup, p.steps, p.n_steps);
             c->profiled = true;
         } else if (rc != LOOM_ENOTFOUND) {
