@@ -226,6 +226,8 @@ static void watch_old_requests(gateway *g, double now)
 
 static void queue_push(gateway *g, gw_request *r, bool front)
 {
+    if (g->q_len == 0)
+        g->q_moved_at = loom_now(); /* the queue's clock starts with its first request */
     r->queued = true;
     r->queued_front = front;
     r->queued_at = loom_now();
@@ -842,6 +844,7 @@ static void dispatch_queue(gateway *g)
         if (i < 0)
             break;
         queue_remove(g, r);
+        g->q_moved_at = now;
         metrics_histogram_observe(&g->queue_time, now - r->queued_at);
         attempt_start(r, i);
     }
@@ -879,9 +882,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         g->cfg.tick_fn(g->cfg.tick_arg, now);
     upstream_probe_sweep(g, now);
     watch_old_requests(g, now);
-    /* queue timeouts. Behind the retries (pushed to the front, each with a fresh clock) the
-     * queue is in order of arrival, so the scan stops at the first one still in time. */
-    for (gw_request *r = g->q_head, *next; r; r = next) {
+    /* queue timeouts: a request that has waited longer than the timeout while the queue did
+     * not move for as long (no request left it for an instance). A queue that moves is the
+     * cluster's waiting room (capacity_aware holds requests beyond the instances' batches), not
+     * a stall. Behind the retries (pushed to the front, each with a fresh clock) the queue is
+     * in order of arrival, so the scan stops at the first one still in time. */
+    bool stalled = now - g->q_moved_at > g->cfg.queue_timeout_s;
+    for (gw_request *r = g->q_head, *next; r && stalled; r = next) {
         next = r->q_next;
         if (now - r->queued_at <= g->cfg.queue_timeout_s) {
             if (r->queued_front)
@@ -895,13 +902,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         if (any) {
             g->rejected_timeout++;
             snprintf(msg, sizeof(msg),
-                     "no instance had room for this request within %.0f s (--queue-timeout); "
-                     "retry later",
+                     "no instance had room for this request, and the queue did not move, for "
+                     "%g s (--queue-timeout); retry later",
                      g->cfg.queue_timeout_s);
             reject(r, 503, "queue_timeout", msg, true);
         } else {
             g->rejected_unavailable++;
-            snprintf(msg, sizeof(msg), "no healthy instance for %.0f s%s%.300s",
+            snprintf(msg, sizeof(msg), "no healthy instance for %g s%s%.300s",
                      g->cfg.queue_timeout_s, r->last_error[0] ? "; last error: " : "",
                      r->last_error);
             reject(r, 503, "no_healthy_upstream", msg, true);

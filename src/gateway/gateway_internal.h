@@ -129,6 +129,7 @@ struct gateway {
     gw_request *q_head, *q_tail;
     int q_len;
     double q_prefill, q_decode; /* the queued requests' prompt and expected output tokens */
+    double q_moved_at;          /* when a request last left the queue for an instance */
     gw_request *live;
     gw_request *unwatched_head, *unwatched_tail; /* by arrival */
     int n_abort_pending;
