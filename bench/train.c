@@ -255,7 +255,9 @@ static void usage(FILE *f)
             "  --warmup N       untimed steps first (default 2)\n"
             "  --data FILE      text to train on (default: uniform random token ids)\n"
             "  --tokenizer DIR  tokenizer.json for --data\n"
-            "  --mpirun CMD     launcher (default 'mpirun --allow-run-as-root --oversubscribe')\n"
+            "  --mpirun CMD     launcher (default 'mpirun --allow-run-as-root --oversubscribe --bind-to\n"
+            "                   none': OpenMPI binds a rank to one core otherwise, and a rank's\n"
+            "                   threads then share it)\n"
             "  --markdown FILE  also write the table to FILE\n"
             "  shape: --layers 4 --hidden 192 --heads 6 --kv-heads 2 --intermediate 384\n"
             "         --experts 8 --top-k 2 --vocab 2048\n");
@@ -267,7 +269,7 @@ int main(int argc, char **argv)
     bench_opts o = {.batch = 16, .seq_len = 128, .steps = 8, .warmup = 2,
                     .layers = 4, .hidden = 192, .heads = 6, .kv_heads = 2, .inter = 384,
                     .experts = 8, .top_k = 2, .vocab = 2048,
-                    .mpirun = "mpirun --allow-run-as-root --oversubscribe"};
+                    .mpirun = "mpirun --allow-run-as-root --oversubscribe --bind-to none"};
     o.cores = (int)sysconf(_SC_NPROCESSORS_ONLN);
     const char *ranks = "1,2", *md = NULL;
     bool is_worker = false;
