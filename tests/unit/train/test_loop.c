@@ -7,6 +7,7 @@
 #include "train_testlib.h"
 
 #include "loom/model.h"
+#include "loom/tensor.h"
 #include "loom/train.h"
 
 #include <sys/stat.h>
@@ -237,10 +238,50 @@ static void test_bad_input(void **state)
     train_model_free(m);
 }
 
+/* The same steps on 1 and on 3 threads (on 2 cores: workers preempted mid-task too) give the
+ * same losses and parameters, bit for bit: every parallel sum of the step has a fixed order. */
+static void test_threads_bitwise(void **state)
+{
+    (void)state;
+    train_data d;
+    synthetic_data(&d);
+    train_opt_config oc;
+    train_opt_config_default(&oc);
+    oc.steps = 3;
+    train_step_config sc = {.batch = B, .seq_len = T, .accum = 1, .seed = 9};
+    loom_err e = {0};
+    const int threads[2] = {1, 3};
+    train_model *m[2];
+    double loss[2][3];
+    for (int v = 0; v < 2; v++) {
+        tensor_set_threads(threads[v]);
+        m[v] = make_model(4);
+        train_adamw o;
+        assert_int_equal(train_adamw_init(&o, &oc, train_model_n_params(m[v]), &e), 0);
+        for (int s = 0; s < 3; s++) {
+            train_step_result r;
+            assert_int_equal(train_step(m[v], &o, &d, &sc, s, &r, &e), 0);
+            loss[v][s] = r.loss;
+        }
+        train_adamw_free(&o);
+    }
+    tensor_set_threads(1);
+    for (int s = 0; s < 3; s++)
+        if (loss[0][s] != loss[1][s])
+            fail_msg("step %d: loss %.9g on 1 thread, %.9g on 3", s, loss[0][s], loss[1][s]);
+    size_t n = train_model_n_params(m[0]);
+    assert_int_equal(memcmp(train_model_params(m[0]), train_model_params(m[1]), n * sizeof(float)),
+                     0);
+    printf("3 steps on 1 and 3 threads: losses and %zu parameters identical\n", n);
+    train_model_free(m[0]);
+    train_model_free(m[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_bitwise),
+        cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_export_mixtral),
         cmocka_unit_test(test_export_llama),
         cmocka_unit_test(test_bad_input),
