@@ -275,6 +275,7 @@ static void test_threads_bitwise(void **state)
     printf("3 steps on 1 and 3 threads: losses and %zu parameters identical\n", n);
     train_model_free(m[0]);
     train_model_free(m[1]);
+    train_data_free(&d);
 }
 
 int main(void)
