@@ -474,6 +474,82 @@ static int32_t hash_expert(const moe_router *r, int32_t token)
     return (int32_t)(loom_hash64(&token, sizeof(token), r->cfg.seed) % (uint64_t)r->cfg.n_experts);
 }
 
+#define ROUTE_TOK 64
+
+typedef struct route_job {
+    const moe_router *r;
+    const float *gin;
+    float *pre;
+    moe_routing *rt;
+    int T;
+    bool select; /* also choose each token's experts and weights */
+} route_job;
+
+/* Tokens [task * ROUTE_TOK, ...): gate output, ReLU, scores and, with j->select, the slots. */
+static void route_task(void *arg, int task, int tid)
+{
+    (void)tid;
+    const route_job *j = arg;
+    const moe_router *r = j->r;
+    const moe_router_config *c = &r->cfg;
+    moe_routing *rt = j->rt;
+    int E = c->n_experts, d = c->d, k = moe_router_slots(c);
+    int t0 = task * ROUTE_TOK, n = j->T - t0 < ROUTE_TOK ? j->T - t0 : ROUTE_TOK;
+    float *pre = j->pre + (size_t)t0 * E;
+    const float *gin = j->gin + (size_t)t0 * d;
+    if (c->gate == MOE_GATE_LINEAR) {
+        tensor_matmul(pre, gin, r->w_gate, r->b_gate, n, d, E);
+    } else {
+        grap_forward(gin, n, d, E, pre);
+        if (r->b_gate)
+            for (int t = 0; t < n; t++)
+                for (int i = 0; i < E; i++)
+                    pre[(size_t)t * E + i] += r->b_gate[i];
+    }
+    if (c->gate_relu) /* LocMoE eq. 2: G = ReLU(omega x + eps) */
+        for (size_t i = 0; i < (size_t)n * E; i++)
+            rt->logits[(size_t)t0 * E + i] = pre[i] > 0.0f ? pre[i] : 0.0f;
+
+    float key[4096]; /* E <= 4096, checked by the caller */
+    for (int t = t0; t < t0 + n; t++) {
+        /* Scores. The softmax is computed exactly as moe_topk_route does (f32, max-subtracted,
+         * sequential sum), so the weights match it bit for bit. */
+        const float *lt = rt->logits + (size_t)t * E;
+        float *st = rt->scores + (size_t)t * E;
+        if (c->score == MOE_SCORE_SIGMOID) {
+            for (int x_e = 0; x_e < E; x_e++)
+                st[x_e] = 1.0f / (1.0f + expf(-lt[x_e]));
+        } else {
+            float m = lt[0];
+            for (int x_e = 1; x_e < E; x_e++)
+                m = lt[x_e] > m ? lt[x_e] : m;
+            float z = 0.0f;
+            for (int x_e = 0; x_e < E; x_e++)
+                z += expf(lt[x_e] - m);
+            for (int x_e = 0; x_e < E; x_e++)
+                st[x_e] = expf(lt[x_e] - m) / z;
+        }
+        if (!j->select)
+            continue;
+        int32_t *idx = rt->expert_idx + (size_t)t * k;
+        /* Softmax is monotone, so the softmax top-k compares logits, as moe_topk_route does;
+         * the sigmoid and the balance bias compare scores (+ bias). */
+        const float *sel = c->score == MOE_SCORE_SOFTMAX ? lt : st;
+        if (r->balance_bias) {
+            for (int x_e = 0; x_e < E; x_e++)
+                key[x_e] = st[x_e] + r->balance_bias[x_e];
+            sel = key;
+        }
+        if (c->kind == MOE_ROUTER_GROUP_LIMITED)
+            select_group_limited(c, sel, idx);
+        else
+            select_topk(sel, NULL, E, k, idx);
+        if (r->balance_bias)
+            sort_slots(st, idx, k); /* the bias chose them; the weights order them */
+        slot_weights(c, st, idx, k, rt->weight + (size_t)t * k);
+    }
+}
+
 int moe_router_forward(moe_router *r, const float *x, const int32_t *token_ids, int T,
                        bool training, moe_routing *rt, loom_err *e)
 {
@@ -520,69 +596,21 @@ int moe_router_forward(moe_router *r, const float *x, const int32_t *token_ids, 
     float *pre = c->gate_relu ? rt->pre_relu : rt->logits;
     if (c->gate_relu && !pre)
         return loom_errf(e, LOOM_EINVAL, "moe router: routing was sized without ReLU buffers");
-    if (c->gate == MOE_GATE_LINEAR) {
-        if (T > 0)
-            tensor_matmul(pre, gin, r->w_gate, r->b_gate, T, d, E);
-    } else {
-        grap_forward(gin, T, d, E, pre);
-        if (r->b_gate)
-            for (int t = 0; t < T; t++)
-                for (int i = 0; i < E; i++)
-                    pre[(size_t)t * E + i] += r->b_gate[i];
-    }
-    if (c->gate_relu) /* LocMoE eq. 2: G = ReLU(omega x + eps) */
-        for (size_t i = 0; i < TE; i++)
-            rt->logits[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
-
-    /* Scores. The softmax is computed exactly as moe_topk_route does (f32, max-subtracted,
-     * sequential sum), so the weights match it bit for bit. */
-    for (int t = 0; t < T; t++) {
-        const float *lt = rt->logits + (size_t)t * E;
-        float *st = rt->scores + (size_t)t * E;
-        if (c->score == MOE_SCORE_SIGMOID) {
-            for (int x_e = 0; x_e < E; x_e++)
-                st[x_e] = 1.0f / (1.0f + expf(-lt[x_e]));
-            continue;
-        }
-        float m = lt[0];
-        for (int x_e = 1; x_e < E; x_e++)
-            m = lt[x_e] > m ? lt[x_e] : m;
-        float z = 0.0f;
-        for (int x_e = 0; x_e < E; x_e++)
-            z += expf(lt[x_e] - m);
-        for (int x_e = 0; x_e < E; x_e++)
-            st[x_e] = expf(lt[x_e] - m) / z;
-    }
-    if (c->z_loss_coef > 0)
-        rt->z_loss = moe_z_loss(rt->logits, T, E, c->z_loss_coef, NULL);
-
-    if (c->kind == MOE_ROUTER_EXPERT_CHOICE)
-        return route_expert_choice(c, rt, e);
-
-    float key[4096];
     if (E > 4096)
         return loom_errf(e, LOOM_EUNSUPPORTED, "moe router: at most 4096 experts");
     if (c->kind == MOE_ROUTER_GROUP_LIMITED && c->n_groups > 256)
         return loom_errf(e, LOOM_EUNSUPPORTED, "moe router: at most 256 expert groups");
-    for (int t = 0; t < T; t++) {
-        const float *st = rt->scores + (size_t)t * E;
-        int32_t *idx = rt->expert_idx + (size_t)t * k;
-        /* Softmax is monotone, so the softmax top-k compares logits, as moe_topk_route does;
-         * the sigmoid and the balance bias compare scores (+ bias). */
-        const float *sel = c->score == MOE_SCORE_SOFTMAX ? rt->logits + (size_t)t * E : st;
-        if (r->balance_bias) {
-            for (int x_e = 0; x_e < E; x_e++)
-                key[x_e] = st[x_e] + r->balance_bias[x_e];
-            sel = key;
-        }
-        if (c->kind == MOE_ROUTER_GROUP_LIMITED)
-            select_group_limited(c, sel, idx);
-        else
-            select_topk(sel, NULL, E, k, idx);
-        if (r->balance_bias)
-            sort_slots(st, idx, k); /* the bias chose them; the weights order them */
-        slot_weights(c, st, idx, k, rt->weight + (size_t)t * k);
-    }
+
+    /* Gate, scores and (but for expert choice, which ranks tokens per expert) each token's
+     * selection, over the pool in blocks of ROUTE_TOK tokens: every token's result depends on
+     * that token alone, and the blocks are the same for every thread count. */
+    route_job j = {.r = r, .gin = gin, .pre = pre, .rt = rt, .T = T,
+                   .select = c->kind != MOE_ROUTER_EXPERT_CHOICE};
+    tensor_parallel_for((T + ROUTE_TOK - 1) / ROUTE_TOK, route_task, &j);
+    if (c->z_loss_coef > 0)
+        rt->z_loss = moe_z_loss(rt->logits, T, E, c->z_loss_coef, NULL);
+    if (c->kind == MOE_ROUTER_EXPERT_CHOICE)
+        return route_expert_choice(c, rt, e);
     return LOOM_OK;
 }
 
