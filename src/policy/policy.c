@@ -152,15 +152,22 @@ int policy_select(policy *p, const policy_instance *inst, int n, const policy_re
  * (m / B) / (f + (1 - f) m / B), so that the rates learnt stay those at the full batch (which
  * the finish-time estimate expects) rather than sinking while a batch drains.
  */
+/* A decode step with m of the instance's max_batch B sequences, over one at B:
+ * f + (1 - f) m / B, f = decode_step_fixed clamped to [0, 1]. */
+static double step_fraction(const policy_instance *inst, double m)
+{
+    double f = inst->decode_step_fixed;
+    f = f > 0 ? (f < 1 ? f : 1) : 0;
+    return f + (1 - f) * m / (double)inst->max_batch;
+}
+
 static void account_service(policy_instance *inst, double now)
 {
     if (inst->outstanding > 0 && now > inst->busy_mark) {
         double share = 1.0;
         if (inst->max_batch > 0 && inst->outstanding < inst->max_batch) {
-            double f = inst->decode_step_fixed;
-            f = f > 0 ? (f < 1 ? f : 1) : 0;
-            double x = (double)inst->outstanding / (double)inst->max_batch;
-            share = x / (f + (1 - f) * x);
+            double m = (double)inst->outstanding;
+            share = m / (double)inst->max_batch / step_fraction(inst, m);
         }
         inst->service_clock += (now - inst->busy_mark) * share / (double)inst->outstanding;
     }
@@ -446,10 +453,7 @@ double policy_finish_time(const policy_instance *inst, const policy_request *req
     double mean_prefill = n > 0 ? inst->pending_prefill / (double)n : 0;
     double mean_decode = n > 0 ? inst->pending_decode / (double)n : 0;
     double wait = (double)waves * B * (mean_prefill / pr + mean_decode / dr);
-    double f = inst->decode_step_fixed;
-    f = f > 0 ? (f < 1 ? f : 1) : 0;
-    double step = f + (1 - f) * m / B; /* a decode step at occupancy m, over one at B */
-    double own = ((m - 1) * mean_prefill + prefill) / pr + out * B * step / dr;
+    double own = ((m - 1) * mean_prefill + prefill) / pr + out * B * step_fraction(inst, m) / dr;
     double wave = wait + own;
     return wave > aggregate ? wave : aggregate;
 }

@@ -5,6 +5,8 @@
 
 #include "loom/policy.h"
 
+#include "../src/policy/policy_internal.h"
+
 static policy *make_with(bool prefix_affinity, bool wait_for_soonest)
 {
     policy_config cfg;
@@ -196,14 +198,18 @@ static void test_hold_beyond_batch_and_drain(void **state)
     policy_set_backlog(q, 0, 100);
     assert_int_equal(policy_select(q, inst, 2, &r, 0), 0); /* 0.6875 s < 0.75 s */
     policy_free(q);
-    /* the fast one streams 90 tokens of a: its first slot frees in 10 x 2/800 s */
+    /* its first slot frees when a's 100 tokens are done: 100 x 2/800 = 0.25 s; the second
+     * when b's are: 0.75 s. Once a has streamed 90 tokens, in 10 x 2/800 = 0.025 s */
+    assert_true(fabs(policy_slot_wait(p, 0, 1, 2, 10000, 800) - 0.25) < 1e-12);
+    assert_true(fabs(policy_slot_wait(p, 0, 2, 2, 10000, 800) - 0.75) < 1e-12);
+    assert_true(policy_slot_wait(p, 0, 3, 2, 10000, 800) == 0); /* only 2 outstanding */
     policy_progress(p, inst, &t[0], 90, 0.2);
+    assert_true(fabs(policy_slot_wait(p, 0, 1, 2, 10000, 800) - 0.025) < 1e-12);
     policy_set_backlog(p, 0, 100);
-    policy_instance snap = inst[0];
-    assert_true(policy_finish_time(&snap, &r, 0) > 0);
     assert_int_equal(policy_select(p, inst, 2, &r, 0.2), POLICY_QUEUE);
     /* a completion frees the slot: the request goes to the fast instance now */
     policy_complete(p, inst, &t[0], &OK_UNKNOWN, 0.3);
+    assert_true(fabs(policy_slot_wait(p, 0, 1, 2, 10000, 800) - 0.75) < 1e-12); /* b's alone */
     assert_int_equal(policy_select(p, inst, 2, &r, 0.3), 0);
     policy_complete(p, inst, &t[1], &OK_UNKNOWN, 0.4);
     policy_free(p);
