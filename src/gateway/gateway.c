@@ -224,6 +224,16 @@ static void watch_old_requests(gateway *g, double now)
     }
 }
 
+/* The queued work the policy is told of (policy_set_backlog): r's prompt and expected output
+ * tokens added (sign +1) or taken away (-1); pass-through requests generate nothing. */
+static void queue_count(gateway *g, gw_request *r, double sign)
+{
+    if (r->passthrough)
+        return;
+    g->q_prefill += sign * (r->preq.prompt_tokens > 0 ? r->preq.prompt_tokens : 0);
+    g->q_decode += sign * (r->preq.expected_output > 0 ? r->preq.expected_output : 0);
+}
+
 static void queue_push(gateway *g, gw_request *r, bool front)
 {
     if (g->q_len == 0)
@@ -231,10 +241,7 @@ static void queue_push(gateway *g, gw_request *r, bool front)
     r->queued = true;
     r->queued_front = front;
     r->queued_at = loom_now();
-    if (!r->passthrough) {
-        g->q_prefill += r->preq.prompt_tokens > 0 ? r->preq.prompt_tokens : 0;
-        g->q_decode += r->preq.expected_output > 0 ? r->preq.expected_output : 0;
-    }
+    queue_count(g, r, +1);
     if (front) {
         r->q_prev = NULL;
         r->q_next = g->q_head;
@@ -270,10 +277,7 @@ static void queue_remove(gateway *g, gw_request *r)
     r->q_prev = r->q_next = NULL;
     r->queued = false;
     g->q_len--;
-    if (!r->passthrough) {
-        g->q_prefill -= r->preq.prompt_tokens > 0 ? r->preq.prompt_tokens : 0;
-        g->q_decode -= r->preq.expected_output > 0 ? r->preq.expected_output : 0;
-    }
+    queue_count(g, r, -1);
     if (g->q_len == 0 || g->q_prefill < 0 || g->q_decode < 0) /* no drift from the sums */
         g->q_prefill = g->q_decode = 0;
 }

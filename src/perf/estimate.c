@@ -193,7 +193,7 @@ double perf_step_seconds(const perf_setup *s, const perf_step *st, perf_terms *t
 {
     perf_terms local;
     perf_terms *t = terms ? terms : &local;
-    double secs = model_seconds(s, st, t);
+    double model = model_seconds(s, st, t), secs = model;
     if (s->corr.n == 0)
         return secs;
     /* each part's model time, corrected by its kind's residual at its shape */
@@ -211,7 +211,7 @@ double perf_step_seconds(const perf_setup *s, const perf_step *st, perf_terms *t
         part_xy(&part, PERF_STEP_DECODE, &x, &y);
         secs += correction_rho(&s->corr, PERF_STEP_DECODE, x, y) * model_seconds(s, &part, &pt);
     }
-    double floor = 0.1 * model_seconds(s, st, &pt); /* residuals never cut a step below this */
+    double floor = 0.1 * model; /* residuals never cut a step below this */
     return secs > floor ? secs : floor;
 }
 
