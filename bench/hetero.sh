@@ -63,17 +63,7 @@ printf 'machines:\n  - {name: h100, device: H100-80G, count: 1, host: 127.0.0.1}
 # the first N requests of the trace, as their own trace file
 head -n $((N + 1)) "$TRACE" >"$WORK/trace.csv"
 
-# wait_line LOG PID -> the http://host:port of its "listening on" line
-wait_line() {
-    local url=""
-    for _ in $(seq 300); do
-        url=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" 2>/dev/null | head -n1 | sed 's/^listening on //')
-        [ -n "$url" ] && { echo "$url"; return 0; }
-        kill -0 "$2" 2>/dev/null || die "$(basename "$1" .log) exited: $(tail -3 "$1")"
-        sleep 0.1
-    done
-    die "$(basename "$1" .log): no 'listening on' line"
-}
+source bench/lib.sh # wait_line (the working directory is the repository root)
 
 # run_cluster NAME POLICIES...
 run_cluster() {
@@ -105,7 +95,7 @@ run_cluster() {
         PIDS+=($!)
         spids+=($!)
         local u
-        u=$(wait_line "$WORK/serve-$name-$k.log" $!) || exit 1
+        u=$(wait_line "$WORK/serve-$name-$k.log" $! 30) || exit 1
         ups+=(--upstream "$u")
         echo "| $k | $dev | $tp | $kv | $mb | $dec | $out |"
         k=$((k + 1))
@@ -122,7 +112,7 @@ run_cluster() {
         PIDS+=($!)
         gpids+=($!)
         local g
-        g=$(wait_line "$WORK/gw-$name-$p.log" $!) || exit 1
+        g=$(wait_line "$WORK/gw-$name-$p.log" $! 30) || exit 1
         urls+=(--url "$g")
         labels+=(--label "$p")
     done

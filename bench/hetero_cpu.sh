@@ -125,28 +125,8 @@ pinned() {
     if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi
 }
 
-# wait_line LOG PID -> the http://host:port of its "listening on" line
-wait_line() {
-    local url=""
-    for _ in $(seq 600); do
-        url=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" 2>/dev/null | head -n1 | sed 's/^listening on //')
-        [ -n "$url" ] && { echo "$url"; return 0; }
-        kill -0 "$2" 2>/dev/null || die "$(basename "$1" .log) exited: $(tail -3 "$1")"
-        sleep 0.1
-    done
-    die "$(basename "$1" .log): no 'listening on' line after 60 s"
-}
+source bench/lib.sh # wait_line (the working directory is the repository root)
 
-# OpenBLAS picks its kernels from CPUID; under some hypervisors (gVisor on the H200 machines)
-# it sees no vector extensions and falls back to its generic "Prescott" kernels, ~8x slower.
-# When the kernel says the CPU has AVX-512 or AVX2, name the matching kernels (unless set).
-if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
-    if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
-        export OPENBLAS_CORETYPE=SkylakeX
-    elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
-        export OPENBLAS_CORETYPE=Haswell
-    fi
-fi
 
 # ---------------------------------------------------------------- 1. workload
 NT=$((N > N_ALONE ? N : N_ALONE))
@@ -372,7 +352,7 @@ for i in range(k):
 print(f"### {k} CPU instances of {env['MODEL']}: threads {' / '.join(threads)}")
 print()
 print(f"Host: {env['NCPU']} CPUs ({env['HOSTCPU']}; OpenBLAS kernels "
-      f"{env.get('OPENBLAS_CORETYPE') or 'auto'}); "
+      f"{env.get('OPENBLAS_CORETYPE') or 'chosen by loom: src/tensor/blas_cpu.c'}); "
       + ("each instance pinned to its own CPUs (taskset), the gateways and the client on "
          f"CPUs {env['CLIENT_CPUS']}." if env["PINNED"] == "1" else
          "NOT pinned (too few CPUs or no taskset): instances share the cores."))
