@@ -117,6 +117,12 @@ int train_model_load_hf(train_model *m, const char *dir, loom_err *e);
 /* Reads dir/config.json plus router_aux_loss_coef; fills c with its shapes. */
 int train_config_from_hf(train_config *c, const char *dir, int B_max, int T_max, loom_err *e);
 
+/* Switch-style gate-input jitter in training forwards (--router-jitter): the gate sees
+ * x * U(1 - jitter, 1 + jitter), elementwise, drawn from each MoE layer's own generator
+ * (saved in checkpoints); validation and greedy forwards never jitter. 0 turns it off;
+ * jitter must be in [0, 1); the hash router has no gate to jitter (LOOM_EINVAL). */
+int train_router_set_jitter(train_model *m, float jitter, loom_err *e);
+
 size_t train_model_n_params(const train_model *m);
 int train_model_n_tensors(const train_model *m);
 const train_param *train_model_tensor(const train_model *m, int i);

@@ -64,6 +64,9 @@ static void usage(FILE *f)
             "  --z-coef X            router z-loss coefficient (default 0)\n"
             "  --loc-coef X          LocMoE locality loss coefficient (default 0; locmoe: 0.01)\n"
             "  --capacity-factor X   expert capacity factor, 0 = dropless (default 0)\n"
+            "  --router-jitter X     Switch jitter: in training the gate sees its input times\n"
+            "                        U(1 - X, 1 + X), elementwise (default 0 = off; X < 1;\n"
+            "                        not with --router hash)\n"
             "data:\n"
             "  --data FILE           text file (repeat the flag for several)\n"
             "  --tokenizer DIR       directory with tokenizer.json (default: --init DIR)\n"
@@ -121,7 +124,7 @@ typedef struct opts {
     long long steps, batch, seq_len, accum, warmup, val_every, val_batches, log_every,
         save_every, rpn, threads, seed, sample_tokens;
     long long layers, hidden, heads, kv_heads, inter, experts, top_k;
-    double lr, min_lr, wd, clip, aux, z, loc, cf, val_fraction;
+    double lr, min_lr, wd, clip, aux, z, loc, cf, jitter, val_fraction;
     bool quiet, aux_set, loc_set;
 } opts;
 
@@ -129,7 +132,7 @@ enum {
     O_PRESET = 256, O_INIT, O_DATA, O_TOK, O_STEPS, O_SEED, O_BATCH, O_SEQ, O_ACCUM, O_LR,
     O_MINLR, O_WARMUP, O_WD, O_CLIP, O_ROUTER, O_AUX, O_Z, O_LOC, O_CF, O_RPN, O_LOG, O_LOGEVERY,
     O_PLOT, O_EXPORT, O_SAVE, O_SAVEEVERY, O_RESUME, O_VALFRAC, O_VALEVERY, O_VALBATCHES,
-    O_THREADS, O_QUIET, O_SAMPLE, O_SAMPLETOK, O_SPEC, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK,
+    O_THREADS, O_QUIET, O_SAMPLE, O_SAMPLETOK, O_SPEC, O_LAYERS, O_HIDDEN, O_HEADS, O_KVHEADS, O_INTER, O_EXPERTS, O_TOPK, O_JITTER,
 };
 
 static int fail(train_dist *d, int code, const char *msg, const char *hint)
@@ -290,11 +293,13 @@ int cli_train(int argc, char **argv)
         {"sample-tokens", 1, 0, O_SAMPLETOK}, {"layers", 1, 0, O_LAYERS}, {"hidden", 1, 0, O_HIDDEN},
         {"heads", 1, 0, O_HEADS}, {"kv-heads", 1, 0, O_KVHEADS},
         {"intermediate", 1, 0, O_INTER}, {"experts", 1, 0, O_EXPERTS}, {"top-k", 1, 0, O_TOPK},
+        {"router-jitter", 1, 0, O_JITTER},
         {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     int ch;
     optind = 1;
-    const char *bad = NULL;
-    while (!bad && (ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+    const char *bad = NULL, *bad_opt = NULL;
+    int li = -1;
+    while (!bad && (li = -1, ch = getopt_long(argc, argv, "h", lo, &li)) != -1) {
         const char *a = optarg;
         bool ok = true;
         switch (ch) {
@@ -340,14 +345,18 @@ int cli_train(int argc, char **argv)
         case O_Z: ok = parse_double(a, 0, 1e3, &o.z); break;
         case O_LOC: ok = parse_double(a, 0, 1e3, &o.loc); o.loc_set = true; break;
         case O_CF: ok = parse_double(a, 0, 1e3, &o.cf); break;
+        case O_JITTER: ok = parse_double(a, 0, 0.999, &o.jitter); break;
         case O_VALFRAC: ok = parse_double(a, 0, 0.9, &o.val_fraction); break;
         default: usage(stderr); free(o.data); return CLI_EXIT_USAGE;
         }
-        if (!ok)
-            bad = argv[optind - 1];
+        if (!ok) {
+            bad = a;
+            bad_opt = li >= 0 ? lo[li].name : "?";
+        }
     }
     if (bad) {
-        fprintf(stderr, "loom train: bad value for %s\nHINT: run 'loom train --help'\n", bad);
+        fprintf(stderr, "loom train: invalid value '%s' for --%s\nHINT: run 'loom train --help'\n",
+                bad, bad_opt);
         free(o.data);
         return CLI_EXIT_USAGE;
     }
@@ -473,6 +482,10 @@ int cli_train(int argc, char **argv)
     if (train_model_create(&tc, &dist, &m, &e)) {
         code = fail(&dist, CLI_EXIT_USAGE, e.msg, NULL);
         goto out_nodist;
+    }
+    if (o.jitter > 0 && train_router_set_jitter(m, (float)o.jitter, &e)) {
+        code = fail(&dist, CLI_EXIT_USAGE, e.msg, NULL);
+        goto out;
     }
     train_model_init_random(m, tc.seed);
     if (o.init && train_model_load_hf(m, o.init, &e)) {

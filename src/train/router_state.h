@@ -1,4 +1,5 @@
-/* train: router state between steps (router_state.c); train_step calls the balance update. */
+/* train: router state between steps (router_state.c); train_step calls the balance update.
+ * train_router_set_jitter is public (loom/train.h). */
 #ifndef LOOM_TRAIN_ROUTER_STATE_H
 #define LOOM_TRAIN_ROUTER_STATE_H
 
@@ -9,9 +10,5 @@
  * summed over the step's micro-batches (all ranks, so every rank moves alike). train_step
  * calls it after the optimizer update; calling it again moves the bias again. */
 void train_router_update_balance(train_model *m);
-
-/* Switch-style gate-input jitter in training forwards: x * U(1 - jitter, 1 + jitter), drawn
- * from each layer's own generator (saved in checkpoints). 0 turns it off. */
-int train_router_set_jitter(train_model *m, float jitter, loom_err *e);
 
 #endif
