@@ -354,7 +354,7 @@ print()
 print(f"Host: {env['NCPU']} CPUs ({env['HOSTCPU']}; OpenBLAS kernels "
       f"{env.get('OPENBLAS_CORETYPE') or 'chosen by loom: src/tensor/blas_cpu.c'}); "
       + ("each instance pinned to its own CPUs (taskset), the gateways and the client on "
-         f"CPUs {env['CLIENT_CPUS']}." if env["PINNED"] == "1" else
+         f"CPU{'s' if ',' in env['CLIENT_CPUS'] else ''} {env['CLIENT_CPUS']}." if env["PINNED"] == "1" else
          "NOT pinned (too few CPUs or no taskset): instances share the cores."))
 means = env["MEANS"].split()
 print(f"Workload: the first {env['N']} requests of azure2023_conv.csv, prompts / {env['IN_DIV']} "
