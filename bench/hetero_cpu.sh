@@ -17,17 +17,27 @@
 #   1. workload: the first N requests of the Azure 2023 conversation trace, prompt lengths / IN_DIV
 #      (at most MAX_IN) and output lengths / OUT_DIV (at most MAX_OUT), so that a CPU runs it in
 #      seconds; written as a trace of its own.
-#   2. profiles: `loom profile --backend cpu --threads T` once per distinct thread count (in
-#      parallel, each on the cores its instance will use, when pinned; PROFILES=DIR reuses).
-#   3. plan: `loom plan --profiles DIR --max-num-seqs MAX_SEQS` for a machine of max(THREADS)
+#   2. instances: `loom serve --backend cpu --threads T --max-num-seqs MAX_SEQS --num-kv-blocks
+#      KV_BLOCKS --no-enable-prefix-caching` (prefix caching off: every policy sends the same
+#      prompts in a round, and a later policy must not find them cached by an earlier one).
+#   3. profiles, once per distinct thread count, in parallel when pinned (PROFILES=DIR reuses):
+#      PROFILE=url (default) `loom profile --url` through the first instance of that count, so
+#      the server's per-token work (HTTP, SSE, the engine thread's hand-offs) is in the fit;
+#      PROFILE=engine `loom profile --backend cpu --threads T` in process, on that instance's
+#      cores (faster, but it times engine steps only: it over-predicted the served rates by
+#      10-20% on the 16-core host, docs/heterogeneous.md).
+#   4. plan: `loom plan --profiles DIR --max-num-seqs MAX_SEQS` for a machine of max(THREADS)
 #      cores; its table gives, per degree T, the batch and the predicted prefill, decode and
 #      output tokens/s (from T's profile); one plan.yaml is written with an instance per
 #      THREADS entry, in order, each with the KV blocks it is started with (KV_BLOCKS).
-#   4. instances: `loom serve --backend cpu --threads T --max-num-seqs MAX_SEQS --num-kv-blocks
-#      KV_BLOCKS --no-enable-prefix-caching` (prefix caching off: every policy sends the same
-#      prompts in a round, and a later policy must not find them cached by an earlier one).
 #   5. alone: each instance, directly (no gateway), an offline batch of N_ALONE requests
-#      (2 x MAX_SEQS: MAX_SEQS running until half are done), one instance at a time.
+#      (4 x MAX_SEQS, every (N / N_ALONE)-th request of the batch, so their lengths are drawn
+#      like the batch's), one instance at a time. Its capacity is the output tokens/s while it
+#      runs a full batch (from the start until the queue is empty and the (N_ALONE - MAX_SEQS +
+#      1)-th request finishes; each token placed at its time from the stream), which is what
+#      the planner's steady-state estimate describes; the rate over the whole makespan, tail
+#      included, is shown beside it. The predicted column comes from a second `loom plan` over
+#      this alone workload (the gateways' plan is over the whole batch).
 #   6. policies: one gateway per policy, all given the plan (`--plan plan.yaml --upstream URL
 #      ...`: capacity_aware starts from the plan's prefill/decode rates and KV sizes,
 #      weighted_round_robin weighs by predicted output tokens/s; round_robin and least_requests
@@ -35,13 +45,15 @@
 #      (A B C D A B C D ...), the same prompts for every policy within a round.
 #
 # Pinning (PIN=auto): with taskset and at least sum(THREADS) + 1 usable CPUs, instance k gets
-# its own consecutive CPUs after the first (and its thread count's profile runs there); the
-# gateways and the bench client run on the first CPU and any left over. Otherwise nothing is pinned (said in
+# its own consecutive CPUs after the first (an engine profile of its thread count runs there);
+# the gateways, the bench client and url profiles' clients run on the first CPU and any left
+# over. Otherwise nothing is pinned (said in
 # the output). Needs python3 (for reading the bench's JSON); not jq.
 #
 # Knobs (environment): THREADS, MODEL (random:llama-125m), N (128), ROUNDS (4), MAX_SEQS (8),
-# N_ALONE (2 x MAX_SEQS), IN_DIV (16), OUT_DIV (4), MAX_IN (256), MAX_OUT (128), KV_BLOCKS (2048),
-# POLICIES, PROFILES (a directory of profiles to reuse), PIN (auto|0), LOOM_BIN (build/loom),
+# N_ALONE (4 x MAX_SEQS), IN_DIV (16), OUT_DIV (4), MAX_IN (256), MAX_OUT (128), KV_BLOCKS (2048),
+# POLICIES, PROFILE (url|engine), PROFILES (a directory of profiles to reuse), PIN (auto|0),
+# LOOM_BIN (build/loom),
 # TRACE, KEEP (a directory: the work files are copied there). SMALL=1 shrinks everything for a
 # smoke test (N 12, ROUNDS 1, MAX_SEQS 4, lengths / 16 and / 8, a smaller profiling grid).
 #
@@ -64,10 +76,12 @@ else
     MAX_IN=${MAX_IN:-256} MAX_OUT=${MAX_OUT:-128}
     GRID=(--max-prompt 128 --max-batch "$MAX_SEQS" --max-context 128 --repeat 2)
 fi
-N_ALONE=${N_ALONE:-$((2 * MAX_SEQS))}
+N_ALONE=${N_ALONE:-$((4 * MAX_SEQS))}
 KV_BLOCKS=${KV_BLOCKS:-2048}
 POLICIES=${POLICIES:-"capacity_aware round_robin least_requests weighted_round_robin"}
 PIN=${PIN:-auto}
+PROFILE=${PROFILE:-url}
+[ "$PROFILE" = url ] || [ "$PROFILE" = engine ] || { echo "hetero_cpu: PROFILE is url or engine" >&2; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/loom-hetero-cpu.XXXXXX")
 PIDS=()
 cleanup() {
@@ -142,7 +156,12 @@ awk -F, -v n="$NT" -v di="$IN_DIV" -v do_="$OUT_DIV" -v mi="$MAX_IN" -v mo="$MAX
     "$TRACE" >"$WORK/all.csv" || die "cannot read $TRACE"
 [ "$(wc -l <"$WORK/all.csv")" -gt "$N" ] || die "the trace has fewer than $N requests"
 head -n $((N + 1)) "$WORK/all.csv" >"$WORK/batch.csv"
-head -n $((N_ALONE + 1)) "$WORK/all.csv" >"$WORK/alone.csv"
+if [ "$N_ALONE" -le "$N" ]; then # every (N / N_ALONE)-th request of the batch
+    awk -v st=$((N / N_ALONE)) -v m="$N_ALONE" 'NR == 1 {print; next}
+        (NR - 2) % st == 0 && c < m {print; c++}' "$WORK/batch.csv" >"$WORK/alone.csv"
+else
+    head -n $((N_ALONE + 1)) "$WORK/all.csv" >"$WORK/alone.csv"
+fi
 MEANS=$(awk -F, 'NR > 1 {a += $2; b += $3; n++} END {printf "%.0f %.0f", a / n, b / n}' "$WORK/batch.csv")
 
 HOSTCPU=$( (command -v lscpu >/dev/null && lscpu | awk -F: '/^Model name/ {gsub(/^ +/, "", $2); m = $2}
@@ -150,7 +169,22 @@ HOSTCPU=$( (command -v lscpu >/dev/null && lscpu | awk -F: '/^Model name/ {gsub(
 log "$K instances (threads $THREADS) of $MODEL on $NCPU CPUs ($HOSTCPU); pinned: $PINNED;" \
     "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-(auto)}"
 
-# ---------------------------------------------------------------- 2. profiles
+# ---------------------------------------------------------------- 2. instances
+UPS=()
+INST_URLS=()
+for k in $(seq 0 $((K - 1))); do
+    t=${TH[$k]}
+    pinned "${INST_CPUS[$k]}" "$LOOM" serve --model "$MODEL" --served-model-name m --backend cpu \
+        --threads "$t" --max-num-seqs "$MAX_SEQS" --num-kv-blocks "$KV_BLOCKS" \
+        --no-enable-prefix-caching --host 127.0.0.1 --port 0 >"$WORK/serve-$k.log" 2>&1 &
+    PIDS+=($!)
+    u=$(wait_line "$WORK/serve-$k.log" $!) || exit 1
+    INST_URLS+=("$u")
+    UPS+=(--upstream "$u")
+done
+log "instances: ${INST_URLS[*]}"
+
+# ---------------------------------------------------------------- 3. profiles
 UNIQ=$(printf '%s\n' "${TH[@]}" | sort -n -u | tr '\n' ' ')
 if [ -n "${PROFILES:-}" ]; then
     PROF_DIR=$PROFILES
@@ -161,16 +195,22 @@ if [ -n "${PROFILES:-}" ]; then
 else
     PROF_DIR=$WORK/profiles
     mkdir -p "$PROF_DIR"
-    log "profiling thread counts: $UNIQ(grid ${GRID[*]})"
+    log "profiling ($PROFILE) thread counts: $UNIQ(grid ${GRID[*]})"
     ppids=()
     for t in $UNIQ; do
         cpus=""
         for k in $(seq 0 $((K - 1))); do
             [ "${TH[$k]}" = "$t" ] && { cpus=${INST_CPUS[$k]}; break; }
         done
-        pinned "$cpus" "$LOOM" profile --model "$MODEL" --backend cpu --threads "$t" "${GRID[@]}" \
-            --max-num-batched-tokens 2048 --out "$PROF_DIR/cpu-tp$t.yaml" --no-progress \
-            >"$WORK/profile-$t.log" 2>&1 &
+        if [ "$PROFILE" = url ]; then # through the instance itself, from the client's CPUs
+            pinned "$CLIENT_CPUS" "$LOOM" profile --url "${INST_URLS[$k]}" --model "$MODEL" \
+                --device cpu --tp "$t" "${GRID[@]}" --max-num-batched-tokens 2048 \
+                --out "$PROF_DIR/cpu-tp$t.yaml" --no-progress >"$WORK/profile-$t.log" 2>&1 &
+        else
+            pinned "$cpus" "$LOOM" profile --model "$MODEL" --backend cpu --threads "$t" "${GRID[@]}" \
+                --max-num-batched-tokens 2048 --out "$PROF_DIR/cpu-tp$t.yaml" --no-progress \
+                >"$WORK/profile-$t.log" 2>&1 &
+        fi
         PIDS+=($!)
         ppids+=("$!:$t")
         # unpinned, profiles would compete for the same cores: one at a time
@@ -182,7 +222,7 @@ else
 fi
 T_PROFILED=$(elapsed)
 
-# ---------------------------------------------------------------- 3. plan
+# ---------------------------------------------------------------- 4. plan
 # One `loom plan` over a machine of max(THREADS) cores: its table of "configurations that fit"
 # has a row per degree (here: threads) with the batch and the predicted prefill, decode and
 # output tokens/s, marked `profile` where a profile of that degree was used. The plan's own
@@ -194,11 +234,18 @@ printf 'machines:\n  - {name: cpu, device: cpu, count: %s, host: 127.0.0.1}\n' "
 "$LOOM" plan --cluster "$WORK/cluster.yaml" --model "$MODEL" --workload "$WORK/batch.csv" \
     --profiles "$PROF_DIR" --max-num-seqs "$MAX_SEQS" --no-output >"$WORK/plan.log" 2>&1 ||
     die "plan: $(tail -3 "$WORK/plan.log")"
-# row T: "batch prefill decode output source" from the table
+# the same over the alone workload: the prediction for what step 5 measures
+"$LOOM" plan --cluster "$WORK/cluster.yaml" --model "$MODEL" --workload "$WORK/alone.csv" \
+    --profiles "$PROF_DIR" --max-num-seqs "$MAX_SEQS" --no-output >"$WORK/plan-alone.log" 2>&1 ||
+    die "plan (alone workload): $(tail -3 "$WORK/plan-alone.log")"
+# row T [LOG]: "batch prefill decode output source" from the table
 row() {
     awk -v t="$1" '/^configurations that fit/ {on = 1; next} on && /^$/ {exit}
-        on && $1 == "cpu" && $2 == t {gsub(/,/, ""); print $6, $7, $8, $9, $11; exit}' "$WORK/plan.log"
+        on && $1 == "cpu" && $2 == t {gsub(/,/, ""); print $6, $7, $8, $9, $11; exit}' "${2:-$WORK/plan.log}"
 }
+for t in "${TH[@]}"; do
+    row "$t" "$WORK/plan-alone.log"
+done >"$WORK/alone-pred.txt"
 read -r MEAN_IN MEAN_OUT <<<"$(awk '/mean input/ {for (i = 1; i <= NF; i++) {
     if ($i == "input") mi = $(i + 1); if ($i == "output") mo = $(i + 1)} gsub(/,/, "", mi); print mi, mo; exit}' "$WORK/plan.log")"
 for k in $(seq 0 $((K - 1))); do
@@ -231,21 +278,6 @@ done >"$WORK/instances.yaml"
 } >"$WORK/plan.yaml"
 "$LOOM" plan --check "$WORK/plan.yaml" >"$WORK/check.log" 2>&1 || die "merged plan: $(tail -3 "$WORK/check.log")"
 
-# ---------------------------------------------------------------- 4. instances
-UPS=()
-INST_URLS=()
-for k in $(seq 0 $((K - 1))); do
-    t=${TH[$k]}
-    pinned "${INST_CPUS[$k]}" "$LOOM" serve --model "$MODEL" --served-model-name m --backend cpu \
-        --threads "$t" --max-num-seqs "$MAX_SEQS" --num-kv-blocks "$KV_BLOCKS" \
-        --no-enable-prefix-caching --host 127.0.0.1 --port 0 >"$WORK/serve-$k.log" 2>&1 &
-    PIDS+=($!)
-    u=$(wait_line "$WORK/serve-$k.log" $!) || exit 1
-    INST_URLS+=("$u")
-    UPS+=(--upstream "$u")
-done
-log "instances: ${INST_URLS[*]}"
-
 # ---------------------------------------------------------------- 5. each instance alone
 for k in $(seq 0 $((K - 1))); do
     log "alone: instance $k (${TH[$k]} threads), $N_ALONE requests at once [$(elapsed) s]"
@@ -276,7 +308,7 @@ pinned "$CLIENT_CPUS" "$LOOM" bench "${URLS[@]}" "${LABELS[@]}" --model m --trac
 T_DONE=$(elapsed)
 
 # ---------------------------------------------------------------- report
-export PROF_DIR WORK K THREADS POLICIES ROUNDS N N_ALONE MODEL MAX_SEQS PINNED NCPU HOSTCPU MEANS \
+export PROFILE PROF_DIR WORK K THREADS POLICIES ROUNDS N N_ALONE MODEL MAX_SEQS PINNED NCPU HOSTCPU MEANS \
     T_PROFILED T_ALONE T_DONE IN_DIV OUT_DIV MAX_IN MAX_OUT KV_BLOCKS
 export INST_CPUS_LIST="$(IFS=';'; echo "${INST_CPUS[*]}")" CLIENT_CPUS INST_URLS_LIST="${INST_URLS[*]}"
 python3 - <<'EOF'
@@ -301,6 +333,28 @@ def rate(reqs):
         return 0.0
     span = max(r["end_s"] for r in reqs) - min(r["start_s"] for r in reqs)
     return sum(r["output_tokens"] for r in reqs) / span if span > 0 else 0.0
+
+
+def full_batch_rate(reqs, b):
+    """output tokens/s while b requests run: from the first start until the queue is empty and
+    the (n - b + 1)-th request finishes (fewer than b run after it); each token at its time
+    (start + ttft, then the inter-token gaps; several tokens in one chunk share its time)"""
+    reqs = [r for r in reqs if ok(r)]
+    n = len(reqs)
+    if n <= b:
+        return rate(reqs)
+    t0 = min(r["start_s"] for r in reqs)
+    t1 = sorted(r["end_s"] for r in reqs)[n - b]
+    tokens = 0.0
+    for r in reqs:
+        times, t = [], r["start_s"] + (r.get("ttft_s") or 0)
+        times.append(t)
+        for gap in r.get("itl_s") or []:
+            t += gap
+            times.append(t)
+        per_chunk = r["output_tokens"] / len(times)
+        tokens += per_chunk * sum(1 for x in times if x <= t1)
+    return tokens / (t1 - t0) if t1 > t0 else 0.0
 
 
 def profile_error(tp):
@@ -344,10 +398,13 @@ for t, name in enumerate(policies):
     share[name] = cnt
 base = st.median(per["round_robin"]) if "round_robin" in per else None
 
-alone = []
+alone, alone_span = [], []  # full-batch rate, makespan rate
 for i in range(k):
     a = json.load(open(f"{work}/alone-{i}.json"))
-    alone.append(rate(a["requests"]))
+    alone.append(full_batch_rate(a["requests"], int(env["MAX_SEQS"])))
+    alone_span.append(rate(a["requests"]))
+# the planner's rows over the alone workload: batch prefill decode output source
+pred = [line.split() for line in open(f"{work}/alone-pred.txt")]
 
 print(f"### {k} CPU instances of {env['MODEL']}: threads {' / '.join(threads)}")
 print()
@@ -361,7 +418,10 @@ print(f"Workload: the first {env['N']} requests of azure2023_conv.csv, prompts /
       f"(at most {env['MAX_IN']}), outputs / {env['OUT_DIV']} (at most {env['MAX_OUT']}): mean "
       f"{means[0]} in, {means[1]} out; all submitted at once, {len(rounds)} round(s) per policy, "
       f"interleaved. Instances: --max-num-seqs {env['MAX_SEQS']}, {env['KV_BLOCKS']} KV blocks, "
-      "prefix caching off.")
+      "prefix caching off. Profiles: "
+      + ("given (PROFILES)." if env.get("PROFILES") else
+         "through the live instances (`loom profile --url`)." if env["PROFILE"] == "url" else
+         "in process (`loom profile --backend cpu`), engine steps only."))
 print()
 print("| policy | output tok/s, median | min–max | vs round_robin | requests per instance "
       f"({' / '.join(t + 't' for t in threads)}) |")
@@ -376,31 +436,38 @@ print("Per round (output tok/s): "
       + "; ".join(f"{name} " + ", ".join(f"{x:.1f}" for x in per[name]) for name in policies)
       + f". Failed requests: {failed}.")
 print()
-tot_pred = sum(p.get("output_tokens_per_s", 0) for p in plan)
+tot_pred = sum(float(p[3]) for p in pred)
 tot_meas = sum(alone)
 print("| instance | threads | CPUs | profile fit error | predicted prefill tok/s | "
-      "predicted decode tok/s | predicted output tok/s | measured alone, output tok/s | "
-      "measured / predicted | capacity_aware's share of requests |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+      "predicted decode tok/s | predicted output tok/s | measured alone, full batch | "
+      "measured / predicted | alone over the makespan | gateways' plan, output tok/s | "
+      "capacity_aware's share of requests |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 ca = share.get("capacity_aware")
 ca_n = sum(ca.values()) if ca else 0
 for i in range(k):
     p = plan[i] if i < len(plan) else {}
-    po = p.get("output_tokens_per_s", 0)
+    pre, dec, po = (float(x) for x in pred[i][1:4])
     rs = f"{100 * ca[urls[i]] / ca_n:.0f}%" if ca and ca_n else "—"
     fe = profile_error(threads[i])
     fe = f"{100 * fe:.1f}%" if fe is not None else "—"
-    print(f"| {i} | {threads[i]} | {cpus[i] or 'any'} | {fe} | {p.get('prefill_tokens_per_s', 0):.0f} | "
-          f"{p.get('decode_tokens_per_s', 0):.0f} | {po:.1f} | {alone[i]:.1f} | "
-          f"{alone[i] / po if po else 0:.2f} | {rs} |")
+    print(f"| {i} | {threads[i]} | {cpus[i] or 'any'} | {fe} | {pre:.0f} | {dec:.0f} | {po:.1f} | "
+          f"{alone[i]:.1f} | {alone[i] / po if po else 0:.2f} | {alone_span[i]:.1f} | "
+          f"{p.get('output_tokens_per_s', 0):.1f} | {rs} |")
 print(f"| **sum** | | | | | | **{tot_pred:.1f}** | **{tot_meas:.1f}** | "
-      f"{tot_meas / tot_pred if tot_pred else 0:.2f} | |")
+      f"{tot_meas / tot_pred if tot_pred else 0:.2f} | {sum(alone_span):.1f} | "
+      f"{sum(p.get('output_tokens_per_s', 0) for p in plan):.1f} | |")
 print()
 slow = min(alone) if alone else 0
 if slow > 0:
-    print(f"Measured alone: {env['N_ALONE']} requests at once per instance, one instance at a time "
-          "(output tokens over the makespan). Ideal gain of a perfect split of an offline batch "
-          f"over an even one, from these: sum / ({k} x slowest) = {tot_meas / (k * slow):.2f}x.")
+    n, na = int(env["N"]), int(env["N_ALONE"])
+    which = f"one in {n // na} of the batch" if na <= n else "the first of the trace"
+    print(f"Measured alone: {na} requests at once per instance ({which}), one instance at a time; "
+          f"'full batch' counts the output tokens while {env['MAX_SEQS']} requests run (until "
+          "the queue is empty and the next request finishes), which is what the planner's "
+          "steady-state estimate describes; the predicted columns are `loom plan` over that "
+          "same workload. Ideal gain of a perfect split of an offline batch over an even one, "
+          f"from the full-batch rates: sum / ({k} x slowest) = {tot_meas / (k * slow):.2f}x.")
 print()
 print(f"Wall time: profiles {env['T_PROFILED']} s, alone runs done at {env['T_ALONE']} s, "
       f"all done at {env['T_DONE']} s.")
