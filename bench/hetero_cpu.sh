@@ -57,9 +57,8 @@
 # TRACE, KEEP (a directory: the work files are copied there). SMALL=1 shrinks everything for a
 # smoke test (N 12, ROUNDS 1, MAX_SEQS 4, lengths / 16 and / 8, a smaller profiling grid).
 #
-# Sized for <= 8 minutes on a 16-core host: on one of the H200 machines (16 vCPUs, AVX-512) the
-# earlier, lighter defaults (N 64, 3 rounds, 64-token outputs) took 156 s in all, profiles
-# 10 s and the alone runs 32 s of it; these defaults should take about 5 minutes.
+# Sized for <= 8 minutes on a 16-core host: on one of the H200 machines (16 vCPUs, AVX-512)
+# these defaults took 320 s in all (url profiles 28 s, the alone runs 42 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOOM=${LOOM_BIN:-build/loom}
