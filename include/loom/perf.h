@@ -176,12 +176,6 @@ typedef struct perf_lengths {
     double mean_in_sq; /* E[l_in^2], for the quadratic attention term of prefill */
 } perf_lengths;
 
-/* Where a profile timed steps, how far the fitted model was off: a step's prompt part and its
- * decode part are each corrected by the relative residual (measured - model) / model of the
- * timed steps of that kind, interpolated at its shape (prompts: mean length, tokens; decodes:
- * batch, context per sequence; linear in the logarithms, held constant beyond the grid). So
- * inside the profiled grid a prediction follows the timings where the linear model cannot
- * (a CPU's GEMM efficiency keeps rising with the batch: docs/planner.md). */
 /* One step as it ran on an instance (its composition) and how long it took there. Whatever
  * drives the instance (the engine in process, or HTTP batches against a server) produces
  * these; perf turns them into roofline terms and fits (perf_profile_fit). */
@@ -195,6 +189,12 @@ enum { PERF_STEP_PREFILL = 0, PERF_STEP_DECODE = 1 };
 
 #define PERF_PROFILE_MAX_STEPS 64 /* timed steps a profile keeps at most */
 
+/* Where a profile timed steps, how far the fitted model was off: a step's prompt part and its
+ * decode part are each corrected by the relative residual (measured - model) / model of the
+ * timed steps of that kind, interpolated at its shape (prompts: mean length, tokens; decodes:
+ * batch, context per sequence; linear in the logarithms, held constant beyond the grid). So
+ * inside the profiled grid a prediction follows the timings where the linear model cannot
+ * (a CPU's GEMM efficiency keeps rising with the batch: docs/planner.md). */
 typedef struct perf_correction_point {
     int kind;      /* PERF_STEP_PREFILL or PERF_STEP_DECODE */
     double x, y;   /* log mean prompt length, log tokens; log batch, log context per sequence */
@@ -299,7 +299,6 @@ int perf_fit(const perf_sample *samples, int n, const perf_coef *prior, perf_coe
 
 /* ---------------------------------------------------------------- profiles */
 
-
 /* A profile: coefficients fitted on one device kind at one tp (and, optionally, one model), and
  * the timed steps they were fitted on (when the file keeps them: its steps: list). */
 typedef struct perf_profile {
@@ -334,7 +333,6 @@ int perf_profile_find(const char *dir, const char *device, int tp, const char *m
                       perf_profile *out, loom_err *e);
 
 /* ---------------------------------------------------------------- profiling runs */
-
 
 /*
  * Fits the latency coefficients of model pm on tp devices of kind dev to timed steps, starting

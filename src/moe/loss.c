@@ -5,6 +5,8 @@
  */
 #include "loom/moe.h"
 
+#include "moe_internal.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,12 +58,7 @@ double moe_z_loss(const float *logits, int T, int E, double coef, float *d_logit
     double loss = 0.0;
     for (int t = 0; t < T; t++) {
         const float *lt = logits + (size_t)t * E;
-        double m = lt[0];
-        for (int i = 1; i < E; i++)
-            m = lt[i] > m ? lt[i] : m;
-        double z = 0.0;
-        for (int i = 0; i < E; i++)
-            z += exp(lt[i] - m);
+        double m, z = moe_exp_sum(lt, E, &m);
         double lse = m + log(z);
         loss += lse * lse;
         if (d_logits)

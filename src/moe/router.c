@@ -16,6 +16,8 @@
 #include "loom/moe.h"
 #include "loom/tensor.h"
 
+#include "moe_internal.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -512,20 +514,15 @@ static void route_task(void *arg, int task, int tid)
 
     float key[4096]; /* E <= 4096, checked by the caller */
     for (int t = t0; t < t0 + n; t++) {
-        /* Scores. The softmax is computed exactly as moe_topk_route does (f32, max-subtracted,
-         * sequential sum), so the weights match it bit for bit. */
+        /* Scores. The softmax shares moe_topk_route's normaliser (moe_softmax_norm), so the
+         * weights match it bit for bit. */
         const float *lt = rt->logits + (size_t)t * E;
         float *st = rt->scores + (size_t)t * E;
         if (c->score == MOE_SCORE_SIGMOID) {
             for (int x_e = 0; x_e < E; x_e++)
                 st[x_e] = 1.0f / (1.0f + expf(-lt[x_e]));
         } else {
-            float m = lt[0];
-            for (int x_e = 1; x_e < E; x_e++)
-                m = lt[x_e] > m ? lt[x_e] : m;
-            float z = 0.0f;
-            for (int x_e = 0; x_e < E; x_e++)
-                z += expf(lt[x_e] - m);
+            float m, z = moe_softmax_norm(lt, E, &m);
             for (int x_e = 0; x_e < E; x_e++)
                 st[x_e] = expf(lt[x_e] - m) / z;
         }
@@ -665,12 +662,7 @@ void moe_router_token_dlogits(const moe_router *r, const moe_routing *rt, int t,
 
     /* ST-MoE z-loss: coef/T * lse^2 per token, d/dl_i = 2 coef/T * lse * softmax(l)_i. */
     if (c->z_loss_coef > 0 && T > 0) {
-        double m = lt[0];
-        for (int i = 1; i < E; i++)
-            m = lt[i] > m ? lt[i] : m;
-        double z = 0.0;
-        for (int i = 0; i < E; i++)
-            z += exp(lt[i] - m);
+        double m, z = moe_exp_sum(lt, E, &m);
         double lse = m + log(z), g = 2.0 * c->z_loss_coef / T * lse;
         for (int i = 0; i < E; i++)
             dl[i] += g * exp(lt[i] - m) / z;

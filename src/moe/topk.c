@@ -4,6 +4,8 @@
  */
 #include "loom/moe.h"
 
+#include "moe_internal.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -16,12 +18,7 @@ void moe_topk_route(const float *logits, int T, int E, int k, bool renormalize, 
         const float *lt = logits + (size_t)t * E;
         int32_t *idx = expert_idx + (size_t)t * k;
         float *wt = expert_weight + (size_t)t * k;
-        float m = lt[0];
-        for (int e = 1; e < E; e++)
-            m = lt[e] > m ? lt[e] : m;
-        float z = 0.0f;
-        for (int e = 0; e < E; e++)
-            z += expf(lt[e] - m);
+        float m, z = moe_softmax_norm(lt, E, &m);
         float sum = 0.0f;
         for (int j = 0; j < k; j++) {
             int best = -1;

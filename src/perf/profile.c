@@ -230,7 +230,6 @@ done:
     return rc;
 }
 
-
 void perf_profile_write_steps(const perf_timed_step *steps, int n, loom_buf *b)
 {
     buf_puts(b, "# the timed steps of the fit (loom profile --refit FILE fits them again)\n"

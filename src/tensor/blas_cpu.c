@@ -30,17 +30,21 @@ static bool has_flag(const char *flags, const char *name)
     return false;
 }
 
-const char *tensor_blas_better_core(const char *corename, const char *flags)
+/* A kernel family from before AVX: what OpenBLAS falls back to when it does not know the CPU. */
+static bool pre_avx_core(const char *corename)
 {
     static const char *const generic[] = {"prescott", "core2", "penryn", "dunnington",
                                           "nehalem", "atom", "katmai", "coppermine",
                                           "northwood", "banias", "unknown"};
-    if (!corename || !flags)
-        return NULL;
-    bool old = false;
-    for (size_t i = 0; i < sizeof(generic) / sizeof(generic[0]); i++)
-        old |= !strcasecmp(corename, generic[i]);
-    if (!old || !has_flag(flags, "avx2") || !has_flag(flags, "fma"))
+    for (size_t i = 0; corename && i < sizeof(generic) / sizeof(generic[0]); i++)
+        if (!strcasecmp(corename, generic[i]))
+            return true;
+    return false;
+}
+
+const char *tensor_blas_better_core(const char *corename, const char *flags)
+{
+    if (!flags || !pre_avx_core(corename) || !has_flag(flags, "avx2") || !has_flag(flags, "fma"))
         return NULL;
     static const char *const avx512[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl",
                                          "avx512cd"};
@@ -73,12 +77,12 @@ void tensor_blas_check_cpu(char **argv)
     if (getenv("OPENBLAS_CORETYPE"))
         return; /* the user's choice, or our own re-exec */
     /* /proc/cpuinfo only when OpenBLAS's choice is a generic one (most starts never read it) */
-    const char *core = tensor_blas_better_core(openblas_get_corename(), "avx2 fma");
-    if (core) {
-        char *flags = cpuinfo_flags();
-        core = tensor_blas_better_core(openblas_get_corename(), flags);
-        free(flags);
-    }
+    const char *name = openblas_get_corename();
+    if (!pre_avx_core(name))
+        return;
+    char *flags = cpuinfo_flags();
+    const char *core = tensor_blas_better_core(name, flags);
+    free(flags);
     if (!core)
         return;
     LOG_INFO("OpenBLAS chose its %s kernels on a CPU with %s; restarting with "

@@ -571,8 +571,7 @@ typedef struct ffn_args {
     float beta; /* of y (forward), of dx (backward) */
 } ffn_args;
 
-/* Row pieces and weight-gradient blocks for the thread count: about 4 tasks per thread, rows
- * per piece within [64, 512]. */
+/* Row pieces for the thread count: about 4 tasks per thread, rows per piece within [64, 512]. */
 static void ffn_plan(ffn_args *f)
 {
     int nth = tensor_get_threads(), rows = 0;
@@ -588,6 +587,13 @@ static void ffn_plan(ffn_args *f)
         f->piece[s] = k ? ceil_div(n, k) : 0;
         f->task0[s + 1] = f->task0[s] + k;
     }
+}
+
+/* For the backward: the segments grouped by gradient target, and weight-gradient blocks for
+ * the thread count (about 4/3 tasks per thread over all groups). */
+static void ffn_plan_gradients(ffn_args *f)
+{
+    int nth = tensor_get_threads();
     f->lead = xmalloc((size_t)(2 * f->n_seg + 1) * sizeof(int));
     f->next = f->lead + f->n_seg;
     f->n_lead = 0;
@@ -715,6 +721,7 @@ void train_ffn_backward_segs(float *dx, const float *dy, const float *x, const f
                   .g = (float *)g, .u = (float *)u, .a = (float *)a, .dg = dg, .du = du,
                   .beta = beta};
     ffn_plan(&f);
+    ffn_plan_gradients(&f);
     int n_rows = f.task0[n_seg];
     tensor_parallel_for(n_rows + f.n_lead * f.blocks, ffn_backward_task1, &f);
     tensor_parallel_for(f.n_lead * 2 * f.blocks, ffn_backward_task2, &f);
